@@ -1,0 +1,1 @@
+"""Every side effect behind a small class: Postgres, teacher, compute, tracking."""

@@ -1,0 +1,89 @@
+"""Postgres: the team's own server (a URL), or an embedded one (pgserver) under DISTILL_HOME.
+
+The URL is a secret (it may carry a password): use `Database.safe_url` in logs
+and metadata, never `url`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+from pathlib import Path
+from typing import Iterator
+from urllib.parse import urlsplit, urlunsplit
+
+import psycopg
+
+from distill_pipeline.config import PipelineConfig
+
+log = logging.getLogger(__name__)
+
+
+def quote_ident(name: str) -> str:
+    """Quote an identifier that `config.check_identifier` already accepted."""
+    return '"' + name.replace('"', '""') + '"'
+
+
+def quote_table(table: str) -> str:
+    return ".".join(quote_ident(part) for part in table.split("."))
+
+
+def mask_url(url: str) -> str:
+    """The URL with any password replaced by ***."""
+    parts = urlsplit(url)
+    if parts.password:
+        netloc = parts.netloc.replace(":" + parts.password + "@", ":***@", 1)
+        parts = parts._replace(netloc=netloc)
+    masked = urlunsplit(parts)
+    return re.sub(r"(password=)[^&\s]+", r"\1***", masked)
+
+
+def embedded_url(home: Path) -> str:
+    """Start (or reuse) the embedded PostgreSQL under `home/pgdata` and return its URL.
+
+    pgserver keeps one server per data folder and shares it between processes
+    (Dagster webserver, daemon, run workers); it stops when the last one exits.
+    """
+    import pgserver  # imported here: only the embedded default needs it
+
+    data_dir = (home / "pgdata").resolve()
+    data_dir.parent.mkdir(parents=True, exist_ok=True)
+    server = pgserver.get_server(data_dir)
+    return server.get_uri()
+
+
+class Database:
+    def __init__(self, url: str, schema_name: str = "distill"):
+        self.url = url
+        self.schema_name = schema_name
+
+    @classmethod
+    def from_config(cls, cfg: PipelineConfig) -> "Database":
+        url = cfg.database.url.get_secret_value() if cfg.database.url else embedded_url(cfg.home)
+        return cls(url, cfg.database.schema_name)
+
+    @property
+    def safe_url(self) -> str:
+        return mask_url(self.url)
+
+    def connect(self, autocommit: bool = False) -> psycopg.Connection:
+        try:
+            return psycopg.connect(self.url, autocommit=autocommit)
+        except psycopg.OperationalError as exc:
+            raise ConnectionError(f"cannot connect to Postgres at {self.safe_url}: {exc}") from None
+
+    @contextlib.contextmanager
+    def cursor(self) -> Iterator[psycopg.Cursor]:
+        with self.connect() as conn, conn.cursor() as cur:
+            yield cur
+
+    def adbc_connect(self):
+        """An ADBC connection: Arrow record batches straight from the COPY binary stream."""
+        import adbc_driver_postgresql.dbapi as adbc
+
+        return adbc.connect(self.url)
+
+    def ensure_schema(self) -> None:
+        with self.connect(autocommit=True) as conn:
+            conn.execute(f"CREATE SCHEMA IF NOT EXISTS {quote_ident(self.schema_name)}")

@@ -1,0 +1,1 @@
+"""The only code importing dagster: thin assets, checks, partitions, sensors, resources."""

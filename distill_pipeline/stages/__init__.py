@@ -1,0 +1,1 @@
+"""The pipeline's logic as plain functions. Nothing here imports dagster."""
