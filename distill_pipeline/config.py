@@ -84,9 +84,11 @@ class SourceConfig(Section):
     # Re-read this many seconds before the watermark, so rows committed late with
     # an earlier created_at are still picked up; the re-read is idempotent.
     overlap_seconds: int = Field(3600, ge=0)
-    # Rows per Parquet shard inside one day bucket, and per Arrow batch read.
-    shard_rows: int = Field(250_000, ge=1000)
-    batch_rows: int = Field(65_536, ge=1024)
+    # Rows per Parquet shard inside one day bucket.
+    shard_rows: int = Field(262_144, ge=100)
+    # Concurrent reader connections over disjoint day ranges (1 = one ordered stream, no
+    # min/max query; use 1 when created_at has no index).
+    parallel_streams: int = Field(2, ge=1, le=16)
 
     @field_validator("table")
     @classmethod
@@ -185,6 +187,205 @@ class SplitConfig(Section):
         return self
 
 
+class TeacherConfig(Section):
+    """The teacher endpoint (any OpenAI-compatible chat-completions API) and what we may spend on it.
+
+    The default base_url is the demo teacher server (`python -m distill_pipeline.demo.teacher_server`),
+    so the demo needs no API key. The key itself is never in config: only the name of the
+    environment variable holding it.
+    """
+
+    base_url: str = "http://127.0.0.1:8911/v1"
+    # Overrides the prompt file's teacher.model (e.g. a deployment name); the cache key does not change.
+    model: str | None = None
+    api_key_env: str = "DISTILL_TEACHER_API_KEY"
+    concurrency: int = Field(16, ge=1, le=1024)
+    # Client-side rate limits (None: no limit; the client still backs off on 429).
+    # Tokens count as the API counts them for limits: prompt tokens (estimated) + max_tokens.
+    requests_per_minute: float | None = Field(None, gt=0)
+    tokens_per_minute: float | None = Field(None, gt=0)
+    timeout_s: float = Field(60.0, gt=0)
+    # Attempts per input, first included; after the last one the input is recorded as failed.
+    max_attempts: int = Field(6, ge=1, le=50)
+    backoff_initial_s: float = Field(0.5, gt=0)
+    backoff_max_s: float = Field(30.0, gt=0)
+    # USD per 1M tokens; cost = tokens_in * input price + tokens_out * output price.
+    price_per_1m_input_tokens: float = Field(0.0, ge=0)
+    price_per_1m_output_tokens: float = Field(0.0, ge=0)
+    # Spend cap per run: no new request starts once spent + in-flight estimate reaches it.
+    budget_usd: float | None = Field(None, gt=0)
+    # Label a deterministic sample of this many rows (by a hash of the row id) instead of every row.
+    # The threshold is frozen per prompt version at its first run, so the sample keeps its rows
+    # and grows only by new rows; changing sample_size recomputes it.
+    sample_size: int | None = Field(None, ge=1)
+    sample_salt: str = "distill-sample-v1"
+    # Answers are committed to the label cache every commit_batch answers or commit_interval_s.
+    commit_batch: int = Field(50, ge=1)
+    commit_interval_s: float = Field(1.0, gt=0)
+    # Inputs recorded as failed by an earlier run are asked again (not paid: failures have no answer).
+    retry_failed: bool = True
+    progress: bool = True
+
+    @field_validator("base_url")
+    @classmethod
+    def _http_url(cls, v: str) -> str:
+        if not re.match(r"^https?://[^/\s]+", v):
+            raise ValueError(f"teacher.base_url={v!r} must be an http(s) URL such as https://api.openai.com/v1")
+        return v.rstrip("/")
+
+    @field_validator("api_key_env")
+    @classmethod
+    def _env_name(cls, v: str) -> str:
+        if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", v):
+            raise ValueError(f"teacher.api_key_env={v!r} must be the NAME of an environment variable, not a key")
+        return v
+
+
+# Environment variable names that carry credentials: they may reach a pod only as
+# `valueFrom.secretKeyRef`, never as a plain value in the pod spec.
+_SECRET_NAME = re.compile(r"(PASSWORD|PASSWD|SECRET|TOKEN|API_?KEY|ACCESS_?KEY|PRIVATE_?KEY|CREDENTIAL|DATABASE_URL)", re.I)
+# scheme://user:password@host -- a URL with an inline password.
+_URL_WITH_PASSWORD = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*://[^/@\s:]*:[^/@\s]+@")
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def looks_secret(name: str, value: str | None = None) -> bool:
+    """True for a setting that must not appear in logs, params or a pod spec."""
+    return bool(_SECRET_NAME.search(name)) or bool(value and _URL_WITH_PASSWORD.match(str(value)))
+
+
+class LocalComputeConfig(Section):
+    """Training as a subprocess of the Dagster run (laptop CPU or local GPUs)."""
+
+    # >1: `accelerate launch` with that many data-parallel processes (one per GPU, or gloo on CPU).
+    num_processes: int = Field(1, ge=1, le=64)
+    # Train on CPU even when a GPU is visible (sets ACCELERATE_USE_CPU for the worker).
+    use_cpu: bool = False
+    # Extra environment for the worker (e.g. CUDA_VISIBLE_DEVICES, OMP_NUM_THREADS).
+    env: dict[str, str] = {}
+
+
+class SecretRef(Section):
+    """A key of a Kubernetes Secret, exposed to the pod as an environment variable."""
+
+    secret: str
+    key: str
+
+
+class KubernetesComputeConfig(Section):
+    """Training as a pod on a Kubernetes GPU cluster (dagster-k8s Pipes)."""
+
+    # The training image (docker/Dockerfile): the project installed with a CUDA torch.
+    image: str | None = None
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
+    image_pull_secrets: list[str] = []
+    namespace: str = "default"
+    service_account: str | None = None
+    # `nvidia.com/gpu` limit; the worker runs `accelerate launch` with one process per GPU.
+    gpus: int = Field(1, ge=0, le=64)
+    cpu: str | None = None  # e.g. "8" (request and limit)
+    memory: str | None = None  # e.g. "64Gi" (request and limit)
+    # Size of the in-memory /dev/shm (data loader workers and NCCL need more than the 64 MiB default).
+    shm_size: str | None = "8Gi"
+    node_selector: dict[str, str] = {}
+    # Raw Kubernetes tolerations, e.g. {key: nvidia.com/gpu, operator: Exists, effect: NoSchedule}.
+    tolerations: list[dict[str, Any]] = []
+    labels: dict[str, str] = {}
+    annotations: dict[str, str] = {}
+    # Shared storage: a PersistentVolumeClaim holding DISTILL_HOME, mounted in the pod at mount_path.
+    # The Dagster side must see the same volume as its own `home`.
+    pvc_claim: str | None = None
+    mount_path: str = "/distill"
+    pvc_sub_path: str | None = None
+    # Object storage instead (s3://bucket/prefix, gs://..., or file:///... for a shared filesystem):
+    # splits are uploaded there before the pod starts, the pod works on local scratch and uploads
+    # its output (checkpoints included) when it ends, and the adapter is copied back to `home`.
+    object_store_root: str | None = None
+    scratch_path: str = "/scratch"
+    # MLflow as the pod reaches it (a server URL); None -> tracking.uri. Never with a password in it:
+    # put credentials in secret_env (MLFLOW_TRACKING_USERNAME/PASSWORD or MLFLOW_TRACKING_TOKEN).
+    tracking_uri: str | None = None
+    # Plain environment for the worker; anything that looks like a credential is refused here.
+    env: dict[str, str] = {}
+    # Environment from Kubernetes Secrets: {ENV_NAME: {secret: name, key: key}}.
+    secret_env: dict[str, SecretRef] = {}
+    # How Pipes messages come back: `logs` (pod log stream; reported to break after ~4 h) or
+    # `file` (a file on the shared PVC, for long runs; needs pvc_claim).
+    message_reader: Literal["logs", "file"] = "logs"
+    # Kubernetes client: None -> in-cluster when running in a pod, else ~/.kube/config.
+    load_incluster_config: bool | None = None
+    kubeconfig_file: str | None = None
+    kube_context: str | None = None
+    poll_interval_s: float = Field(10.0, gt=0)
+    pod_wait_timeout_s: float = Field(7 * 24 * 3600.0, ge=0)
+    delete_pod_on_completion: bool = True
+
+    @model_validator(mode="after")
+    def _no_inline_secrets(self) -> "KubernetesComputeConfig":
+        for name, value in self.env.items():
+            if not _ENV_NAME.match(name):
+                raise ValueError(f"compute.kubernetes.env: {name!r} is not an environment variable name")
+            if looks_secret(name, value):
+                raise ValueError(
+                    f"compute.kubernetes.env.{name} looks like a credential; pods get credentials only "
+                    f"from Kubernetes Secrets: move it to compute.kubernetes.secret_env.{name}: {{secret: ..., key: ...}}"
+                )
+        for name in self.secret_env:
+            if not _ENV_NAME.match(name):
+                raise ValueError(f"compute.kubernetes.secret_env: {name!r} is not an environment variable name")
+            if name in self.env:
+                raise ValueError(f"compute.kubernetes: {name} is set both in env and in secret_env")
+        if self.tracking_uri and _URL_WITH_PASSWORD.match(self.tracking_uri):
+            raise ValueError(
+                "compute.kubernetes.tracking_uri has a password in it; use secret_env "
+                "MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_URI from a Secret)"
+            )
+        if self.pvc_claim and self.object_store_root:
+            raise ValueError("compute.kubernetes: set pvc_claim or object_store_root, not both")
+        if self.message_reader == "file" and not self.pvc_claim:
+            raise ValueError("compute.kubernetes.message_reader=file needs a shared volume (compute.kubernetes.pvc_claim)")
+        for i, tol in enumerate(self.tolerations):
+            if not isinstance(tol, dict) or not tol.get("operator") and not tol.get("key"):
+                raise ValueError(f"compute.kubernetes.tolerations[{i}] needs at least `key` or `operator: Exists`")
+        return self
+
+
+class ComputeConfig(Section):
+    """Where `student_adapter` trains: `local` (subprocess) or `kubernetes` (a GPU pod)."""
+
+    backend: Literal["local", "kubernetes"] = "local"
+    local: LocalComputeConfig = LocalComputeConfig()
+    kubernetes: KubernetesComputeConfig = KubernetesComputeConfig()
+
+    @model_validator(mode="after")
+    def _kubernetes_complete(self) -> "ComputeConfig":
+        if self.backend == "kubernetes":
+            k8s = self.kubernetes
+            if not k8s.image:
+                raise ValueError("compute.kubernetes.image is required with compute.backend=kubernetes")
+            if not (k8s.pvc_claim or k8s.object_store_root):
+                raise ValueError(
+                    "compute.backend=kubernetes needs shared storage for data and adapters: "
+                    "set compute.kubernetes.pvc_claim or compute.kubernetes.object_store_root"
+                )
+        return self
+
+
+class TrackingConfig(Section):
+    """MLflow: one run per `student_adapter` materialization."""
+
+    # None -> $MLFLOW_TRACKING_URI, else a SQLite store at <home>/mlflow/mlflow.db
+    # (MLflow 3 refuses the old ./mlruns file store unless told otherwise).
+    uri: str | None = None
+    experiment: str = "distill-student"
+    # Artifact root for a new experiment; None -> <home>/mlflow/artifacts for a local store,
+    # the server's default otherwise.
+    artifact_location: str | None = None
+    # Base URL of the MLflow UI for the link on each materialization; None -> the tracking URI
+    # when it is http(s), else http://127.0.0.1:5000 (`mlflow ui --backend-store-uri <uri>`).
+    ui_url: str | None = None
+
+
 class PipelineConfig(Section):
     home: Path = Path(".distill")
     prompts_dir: Path = Path("prompts")
@@ -193,6 +394,9 @@ class PipelineConfig(Section):
     task: TaskConfig = TaskConfig(kind="generation")
     curate: CurateConfig = CurateConfig()
     split: SplitConfig = SplitConfig()
+    teacher: TeacherConfig = TeacherConfig()
+    compute: ComputeConfig = ComputeConfig()
+    tracking: TrackingConfig = TrackingConfig()
 
     @property
     def artifacts_dir(self) -> Path:
@@ -262,7 +466,9 @@ def load_config(path: str | os.PathLike | None = None, env: Mapping[str, str] | 
         lines = []
         for err in exc.errors():
             key = ".".join(str(p) for p in err["loc"] if not str(p).startswith("function-after"))
-            origin = next((src for k, src in sources.items() if key == k or key.startswith(k + ".")), str(path))
+            related = [src for k, src in sources.items()
+                       if key == k or key.startswith(k + ".") or k.startswith(key + ".")]
+            origin = " or ".join(related + [str(path)]) if related else str(path)
             msg = err["msg"].removeprefix("Value error, ")
             lines.append(f"  {key or '(top level)'}: {msg} (from {origin})")
         raise ConfigError("invalid configuration:\n" + "\n".join(lines)) from None

@@ -190,7 +190,7 @@ def _dump(answer: dict) -> str:
 
 
 def generate_rows(n: int = 5000, seed: int = 7, prompt_versions: tuple[str, str] = ("v1", "v2"),
-                  second_version_share: float = 0.2) -> Iterator[DemoRow]:
+                  second_version_share: float = 0.2, spread_days: float = SPREAD_DAYS) -> Iterator[DemoRow]:
     """Yield `n` demo rows in created_at order.
 
     The last `second_version_share` of the timeline was labelled under the second
@@ -198,7 +198,7 @@ def generate_rows(n: int = 5000, seed: int = 7, prompt_versions: tuple[str, str]
     """
     rng = random.Random(seed)
     history: list[tuple[str, dict]] = []  # earlier clean (sentence, answer) pairs, for duplicates
-    step = SPREAD_DAYS * 86400 / max(n, 1)
+    step = spread_days * 86400 / max(n, 1)
     switch = int(n * (1 - second_version_share))
     for i in range(n):
         created = START + timedelta(seconds=i * step + rng.random() * step)

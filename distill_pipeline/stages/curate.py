@@ -1,0 +1,247 @@
+"""curated_examples: validate teacher outputs, filter, quarantine, and remove duplicates.
+
+Order of work, each step only on the rows that survived the previous one:
+  1. input checks (NULL, empty, not UTF-8, too short/long, not Latin script)   vectorized
+  2. teacher output parsed and validated for the task kind; output length; confidence
+  3. exact duplicates: same normalized input (lowercase, whitespace collapsed)
+  4. near duplicates: MinHash LSH over character shingles, verified at Jaccard >= threshold
+In each duplicate cluster the highest-confidence member is kept (ties: the earliest).
+Every dropped row goes to the quarantine table with a reason code and a detail;
+skip examples ({"skip": true}) are ordinary examples and are kept.
+
+The cluster key (used for sticky splits) is a hash of the normalized input of the
+cluster's earliest row, so it does not change when later duplicates arrive.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from distill_pipeline.config import CurateConfig, PipelineConfig
+from distill_pipeline.stages import dedup
+from distill_pipeline.stages.tasks import parse_output
+
+EXAMPLES = "examples.parquet"
+QUARANTINE = "quarantine.parquet"
+MANIFEST = "manifest.json"
+
+QUARANTINE_SCHEMA = pa.schema([
+    ("id", pa.string()),
+    ("input", pa.string()),
+    ("input_raw", pa.binary()),  # original bytes when the input was not valid UTF-8
+    ("output", pa.string()),
+    ("confidence", pa.float64()),
+    ("reason", pa.string()),
+    ("detail", pa.string()),
+])
+
+
+@dataclass
+class CurateResult:
+    examples: pa.Table
+    quarantine: pa.Table
+    counts: dict[str, int]
+    seconds: float
+
+
+def normalize(texts: pa.Array) -> pa.Array:
+    """Lowercase, collapse whitespace, trim: the form duplicates are judged on."""
+    lowered = pc.utf8_lower(texts)
+    return pc.utf8_trim_whitespace(pc.replace_substring_regex(lowered, r"\s+", " "))
+
+
+def text_key(text: str) -> str:
+    return hashlib.blake2b(text.encode(), digest_size=10).hexdigest()
+
+
+def _decode_inputs(column: pa.ChunkedArray) -> tuple[pa.Array, list[str | None], list[bytes | None]]:
+    """Inputs as a string array; binary (bytea) inputs are decoded, failures reported per row."""
+    column = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    n = len(column)
+    errors: list[str | None] = [None] * n
+    raw: list[bytes | None] = [None] * n
+    if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
+        return column.cast(pa.string()), errors, raw
+    if pa.types.is_null(column.type):
+        return pa.nulls(n, pa.string()), errors, raw
+    if not (pa.types.is_binary(column.type) or pa.types.is_large_binary(column.type)):
+        raise TypeError(f"source column `input` has type {column.type}; expected text or bytea")
+    decoded: list[str | None] = []
+    for i, value in enumerate(column.to_pylist()):
+        if value is None:
+            decoded.append(None)
+            continue
+        try:
+            decoded.append(value.decode("utf-8"))
+        except UnicodeDecodeError as exc:
+            decoded.append(None)
+            raw[i] = value
+            errors[i] = f"byte {exc.start}: {value[exc.start:exc.start + 4]!r} is not valid UTF-8"
+    return pa.array(decoded, pa.string()), errors, raw
+
+
+def _input_reasons(inputs: pa.Array, decode_errors: list, cfg: CurateConfig) -> list[tuple[str, str] | None]:
+    n = len(inputs)
+    reasons: list[tuple[str, str] | None] = [None] * n
+    lengths = pc.utf8_length(inputs).to_numpy(zero_copy_only=False)
+    stripped = pc.utf8_length(pc.utf8_trim_whitespace(inputs)).to_numpy(zero_copy_only=False)
+    nulls = inputs.is_null().to_numpy(zero_copy_only=False)
+    if cfg.min_latin_letter_ratio is not None:
+        letters = pc.count_substring_regex(inputs, r"\p{L}").to_numpy(zero_copy_only=False)
+        latin = pc.count_substring_regex(inputs, r"\p{Latin}").to_numpy(zero_copy_only=False)
+    for i in range(n):
+        if decode_errors[i]:
+            reasons[i] = ("input_not_utf8", decode_errors[i])
+        elif nulls[i]:
+            reasons[i] = ("input_null", "input is NULL")
+        elif stripped[i] == 0:
+            reasons[i] = ("input_empty", "input is empty or whitespace")
+        elif lengths[i] > cfg.max_input_chars:
+            reasons[i] = ("input_too_long", f"{int(lengths[i])} chars > curate.max_input_chars={cfg.max_input_chars}")
+        elif stripped[i] < cfg.min_input_chars:
+            reasons[i] = ("input_too_short", f"{int(stripped[i])} chars < curate.min_input_chars={cfg.min_input_chars}")
+        elif cfg.min_latin_letter_ratio is not None and letters[i] > 0 \
+                and latin[i] / letters[i] < cfg.min_latin_letter_ratio:
+            reasons[i] = ("language", f"{latin[i] / letters[i]:.0%} of letters are Latin script "
+                                      f"< curate.min_latin_letter_ratio={cfg.min_latin_letter_ratio}")
+    return reasons
+
+
+def curate_table(table: pa.Table, cfg: PipelineConfig) -> CurateResult:
+    """Curate rows with columns id, input, output, confidence, created_at (source_rows or teacher_labels)."""
+    started = time.perf_counter()
+    c = cfg.curate
+    n = table.num_rows
+    ids = [str(v) for v in table.column("id").to_pylist()]
+    inputs, decode_errors, raw_bytes = _decode_inputs(table.column("input"))
+    outputs = table.column("output").cast(pa.string()).to_pylist() if "output" in table.column_names \
+        else [None] * n
+    conf_col = table.column("confidence") if "confidence" in table.column_names else pa.nulls(n, pa.float64())
+    confidence = conf_col.cast(pa.float64()).to_numpy(zero_copy_only=False)  # NaN where unknown
+    created = table.column("created_at").cast(pa.timestamp("us", tz="UTC")).cast(pa.int64()) \
+        .to_numpy(zero_copy_only=False)
+
+    reasons = _input_reasons(inputs, decode_errors, c)
+    targets: list[str | None] = [None] * n
+    labels: list[str | None] = [None] * n
+    for i in range(n):
+        if reasons[i] is not None:
+            continue
+        out = outputs[i]
+        if out is not None and len(out) > c.max_output_chars:
+            reasons[i] = ("output_too_long", f"{len(out)} chars > curate.max_output_chars={c.max_output_chars}")
+            continue
+        parsed = parse_output(cfg.task, out)
+        if not parsed.ok:
+            reasons[i] = ("output_invalid", parsed.error)
+            continue
+        if c.min_confidence is not None and confidence[i] < c.min_confidence:  # NaN (unknown) passes
+            reasons[i] = ("low_confidence", f"confidence {confidence[i]:g} < curate.min_confidence={c.min_confidence:g}")
+            continue
+        targets[i], labels[i] = parsed.target, parsed.label
+
+    valid = np.array([r is None for r in reasons])
+    valid_idx = np.flatnonzero(valid)
+    norm = normalize(inputs.take(pa.array(valid_idx))).to_pylist() if len(valid_idx) else []
+
+    # Best member first: highest confidence (unknown counts as lowest), then earliest, then id.
+    conf_rank = np.where(np.isnan(confidence), -np.inf, confidence)
+    order = valid_idx[np.lexsort((np.array(ids, dtype=object)[valid_idx].astype(str), created[valid_idx],
+                                  -conf_rank[valid_idx]))] if len(valid_idx) else valid_idx
+    pos_of = {int(row): k for k, row in enumerate(valid_idx)}
+
+    # 3. exact duplicates
+    group_of_text: dict[str, int] = {}
+    groups: list[list[int]] = []  # rows per exact group, best first
+    for row in order:
+        text = norm[pos_of[int(row)]]
+        g = group_of_text.setdefault(text, len(groups))
+        if g == len(groups):
+            groups.append([])
+        groups[g].append(int(row))
+    group_texts = list(group_of_text)
+
+    # 4. near duplicates, between the exact groups' texts
+    roots = dedup.near_duplicate_clusters(
+        pa.array(group_texts, pa.string()), threshold=c.near_duplicate_threshold, shingle_size=c.shingle_size,
+        num_perm=c.num_perm, bands=c.lsh_bands, workers=c.workers,
+    ) if group_texts else np.zeros(0, dtype=np.int64)
+    clusters: dict[int, list[int]] = {}
+    for g, root in enumerate(roots):
+        clusters.setdefault(int(root), []).append(g)
+
+    keep_rows, keep_keys, keep_dups = [], [], []
+    for members in clusters.values():
+        # groups were created in best-first order, so the first group holds the cluster's best row
+        best_group = min(members)
+        keeper = groups[best_group][0]
+        earliest_group = min(members, key=lambda g: min((created[r], ids[r]) for r in groups[g]))
+        keep_rows.append(keeper)
+        keep_keys.append(text_key(group_texts[earliest_group]))
+        keep_dups.append(sum(len(groups[g]) for g in members) - 1)
+        for g in members:
+            for row in groups[g]:
+                if row == keeper:
+                    continue
+                code = "exact_duplicate" if g == best_group else "near_duplicate"
+                reasons[row] = (code, f"duplicate of id {ids[keeper]}")
+
+    keep_order = np.argsort(np.array(keep_rows, dtype=np.int64), kind="stable")
+    keep_idx = np.array(keep_rows, dtype=np.int64)[keep_order]
+    examples = pa.table({
+        "id": pa.array([ids[i] for i in keep_idx], pa.string()),
+        "input": inputs.take(pa.array(keep_idx, pa.int64())),
+        "target": pa.array([targets[i] for i in keep_idx], pa.string()),
+        "label": pa.array([labels[i] for i in keep_idx], pa.string()),
+        "confidence": pa.array(confidence[keep_idx], pa.float64(), from_pandas=True),
+        "cluster_key": pa.array([keep_keys[k] for k in keep_order], pa.string()),
+        "duplicates": pa.array([keep_dups[k] for k in keep_order], pa.int32()),
+        "created_at": table.column("created_at").take(pa.array(keep_idx, pa.int64())),
+    })
+
+    dropped = [i for i in range(n) if reasons[i] is not None]
+    quarantine = pa.table({
+        "id": pa.array([ids[i] for i in dropped], pa.string()),
+        "input": inputs.take(pa.array(dropped, pa.int64())),
+        "input_raw": pa.array([raw_bytes[i] for i in dropped], pa.binary()),
+        "output": pa.array([outputs[i] for i in dropped], pa.string()),
+        "confidence": pa.array(confidence[dropped] if dropped else [], pa.float64(), from_pandas=True),
+        "reason": pa.array([reasons[i][0] for i in dropped], pa.string()),
+        "detail": pa.array([reasons[i][1] for i in dropped], pa.string()),
+    }, schema=QUARANTINE_SCHEMA)
+
+    counts = Counter(r[0] for r in reasons if r is not None)
+    summary = {"rows_in": n, "kept": examples.num_rows, "quarantined": quarantine.num_rows,
+               **{f"dropped_{k}": v for k, v in sorted(counts.items())}}
+    summary["kept_skip"] = sum(1 for i in keep_idx if labels[i] == "skip")
+    return CurateResult(examples, quarantine, summary, time.perf_counter() - started)
+
+
+def write_curated(result: CurateResult, out_dir: Path, prompt_version: str) -> dict:
+    """Write examples, quarantine and a manifest; returns the manifest."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    pq.write_table(result.examples, out_dir / EXAMPLES)
+    pq.write_table(result.quarantine, out_dir / QUARANTINE)
+    labels = Counter(result.examples.column("label").to_pylist())
+    manifest = {
+        "prompt_version": prompt_version,
+        "counts": result.counts,
+        "labels": dict(sorted(labels.items())),
+        "duplicate_rate": round((result.counts.get("dropped_exact_duplicate", 0)
+                                 + result.counts.get("dropped_near_duplicate", 0)) / max(result.counts["rows_in"], 1), 4),
+        "seconds": round(result.seconds, 3),
+        "examples_path": str(out_dir / EXAMPLES),
+        "quarantine_path": str(out_dir / QUARANTINE),
+    }
+    (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    return manifest

@@ -1,0 +1,163 @@
+"""dataset_splits: train/val/test that are sticky, stratified and leakage-free.
+
+- Leakage-free: the unit of assignment is the duplicate cluster (its `cluster_key`),
+  so near-duplicates never land in two splits.
+- Sticky: every cluster ever assigned is recorded in assignments.parquet; a cluster
+  keeps its split on every later run, whatever arrives.
+- Stratified: new clusters fill, stratum by stratum (the label: event type or
+  "skip"), the gap between each split's target share and what it already holds;
+  within a stratum new clusters are ordered by a stable hash of salt + key, so
+  the result is a pure function of (previous assignments, current data).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from distill_pipeline.config import CurateConfig, SplitConfig
+
+SPLITS = ("train", "val", "test")
+HF_NAMES = {"train": "train", "val": "validation", "test": "test"}
+ASSIGNMENTS = "assignments.parquet"
+MANIFEST = "manifest.json"
+
+
+def stable_hash(salt: str, key: str) -> int:
+    return int.from_bytes(hashlib.blake2b(f"{salt}\x00{key}".encode(), digest_size=8).digest(), "big")
+
+
+def _allocate(n_new: int, have: dict[str, int], shares: dict[str, float]) -> list[str]:
+    """Split names for `n_new` new clusters so that have+new approaches the target shares."""
+    total = sum(have.values()) + n_new
+    deficit = {s: max(0.0, shares[s] * total - have[s]) for s in SPLITS}
+    budget = sum(deficit.values())
+    if budget <= 0:
+        deficit, budget = dict(shares), 1.0
+    exact = {s: n_new * deficit[s] / budget for s in SPLITS}
+    counts = {s: int(exact[s]) for s in SPLITS}
+    # largest remainder; ties go to train, then val, then test
+    for s in sorted(SPLITS, key=lambda s: (-(exact[s] - counts[s]), SPLITS.index(s)))[: n_new - sum(counts.values())]:
+        counts[s] += 1
+    return [s for s in SPLITS for _ in range(counts[s])]
+
+
+def assign_splits(examples: pa.Table, cfg: SplitConfig, previous: dict[str, str] | None = None) -> dict[str, str]:
+    """cluster_key -> split for every cluster in `examples` (plus all `previous` assignments)."""
+    previous = dict(previous or {})
+    shares = {"train": cfg.train, "val": cfg.val, "test": cfg.test}
+    keys = examples.column("cluster_key").to_pylist()
+    labels = examples.column("label").to_pylist()
+    stratum_of: dict[str, str] = {}
+    for key, label in zip(keys, labels):
+        stratum_of.setdefault(key, str(label))
+    have: dict[str, Counter] = defaultdict(Counter)
+    new: dict[str, list[str]] = defaultdict(list)
+    for key, stratum in stratum_of.items():
+        if key in previous:
+            have[stratum][previous[key]] += 1
+        else:
+            new[stratum].append(key)
+    result = previous
+    for stratum, fresh in sorted(new.items()):
+        fresh.sort(key=lambda k: stable_hash(cfg.salt, k))  # the hash decides who goes where
+        counts = {s: have[stratum].get(s, 0) for s in SPLITS}
+        for key, name in zip(fresh, _allocate(len(fresh), counts, shares)):
+            result[key] = name
+    return result
+
+
+def load_assignments(out_dir: Path) -> dict[str, str]:
+    path = out_dir / ASSIGNMENTS
+    if not path.exists():
+        return {}
+    t = pq.read_table(path)
+    return dict(zip(t.column("cluster_key").to_pylist(), t.column("split").to_pylist()))
+
+
+def file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def label_shares(labels: list[str]) -> dict[str, float]:
+    counts = Counter(labels)
+    total = sum(counts.values()) or 1
+    return {k: v / total for k, v in sorted(counts.items())}
+
+
+def write_splits(examples: pa.Table, cfg: SplitConfig, out_dir: Path, prompt_version: str) -> dict:
+    """Assign, write {train,val,test}.parquet + a DatasetDict under hf/ + assignments; return the manifest."""
+    from datasets import Dataset, DatasetDict  # heavy import, only when writing
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    assignment = assign_splits(examples, cfg, load_assignments(out_dir))
+    split_col = pa.array([assignment[k] for k in examples.column("cluster_key").to_pylist()], pa.string())
+    columns = ["id", "input", "target", "label", "cluster_key", "confidence"]
+    table = examples.select(columns).append_column("split", split_col)
+    manifest = {"prompt_version": prompt_version, "splits": {}, "salt": cfg.salt}
+    parts = {}
+    for name in SPLITS:
+        part = table.filter(pa.compute.equal(table.column("split"), name)).drop_columns(["split"])
+        path = out_dir / f"{name}.parquet"
+        pq.write_table(part, path)
+        parts[name] = part
+        manifest["splits"][name] = {"rows": part.num_rows, "sha256": file_digest(path), "path": str(path),
+                                    "labels": dict(Counter(part.column("label").to_pylist()))}
+    DatasetDict({HF_NAMES[n]: Dataset(parts[n]) for n in SPLITS}).save_to_disk(str(out_dir / "hf"))
+    keys = sorted(assignment)
+    pq.write_table(pa.table({"cluster_key": keys, "split": [assignment[k] for k in keys]}), out_dir / ASSIGNMENTS)
+    manifest["label_shares"] = label_shares(table.column("label").to_pylist())
+    (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    return manifest
+
+
+def read_splits(out_dir: Path) -> dict[str, pa.Table]:
+    return {name: pq.read_table(out_dir / f"{name}.parquet") for name in SPLITS}
+
+
+def check_leakage(splits: dict[str, pa.Table], curate: CurateConfig) -> tuple[bool, dict]:
+    """No cluster key and no near-duplicate input (recomputed from the texts) in two splits."""
+    from distill_pipeline.stages.curate import normalize
+    from distill_pipeline.stages.dedup import cross_group_near_duplicates
+
+    seen: dict[str, str] = {}
+    shared_keys = set()
+    for name, part in splits.items():
+        for key in part.column("cluster_key").to_pylist():
+            if seen.setdefault(key, name) != name:
+                shared_keys.add(key)
+    texts, groups = [], []
+    for name, part in splits.items():
+        texts.extend(normalize(part.column("input")).to_pylist())
+        groups.extend([name] * part.num_rows)
+    pairs = cross_group_near_duplicates(texts, groups, threshold=curate.near_duplicate_threshold,
+                                        shingle_size=curate.shingle_size, num_perm=curate.num_perm,
+                                        bands=curate.lsh_bands, workers=curate.workers) if texts else []
+    examples = [{"a": texts[i][:120], "b": texts[j][:120], "splits": [groups[i], groups[j]], "jaccard": round(sim, 3)}
+                for i, j, sim in pairs[:5]]
+    passed = not shared_keys and not pairs
+    return passed, {"clusters_in_two_splits": len(shared_keys), "near_duplicate_pairs_across_splits": len(pairs),
+                    "examples": examples}
+
+
+def check_label_balance(splits: dict[str, pa.Table], max_gap: float) -> tuple[bool, dict]:
+    """Each split's label shares stay within `max_gap` of the whole's."""
+    everything = [x for part in splits.values() for x in part.column("label").to_pylist()]
+    whole = label_shares(everything)
+    worst = {}
+    for name, part in splits.items():
+        mine = label_shares(part.column("label").to_pylist())
+        gaps = {label: abs(mine.get(label, 0.0) - share) for label, share in whole.items()}
+        label, gap = max(gaps.items(), key=lambda kv: kv[1]) if gaps else ("-", 0.0)
+        worst[name] = {"label": label, "gap": round(gap, 4)}
+    passed = all(w["gap"] <= max_gap for w in worst.values())
+    return passed, {"worst_gap_per_split": worst, "max_gap": max_gap}
