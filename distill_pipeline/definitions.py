@@ -2,12 +2,13 @@
 
 import dagster as dg
 
-from distill_pipeline.defs import data
+from distill_pipeline.defs import data, schedules
 from distill_pipeline.defs.resources import PostgresResource, SettingsResource
 
 settings = SettingsResource()
 
 defs = dg.Definitions.merge(
     data.defs,
+    schedules.defs,
     dg.Definitions(resources={"settings": settings, "postgres": PostgresResource(settings=settings)}),
 )

@@ -4,7 +4,6 @@ Assets only wire stages to resources and record metadata; checks are computed by
 stage functions and reported as (blocking) asset checks of the same run.
 """
 
-from __future__ import annotations
 
 import pyarrow.compute as pc
 import pyarrow.parquet as pq

@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 US_PER_DAY = 86_400_000_000
 ROW_GROUP_ROWS = 32_768
+BATCH_BYTES = 4 << 20  # per ADBC batch; with a queue of 2 per stream this bounds memory
 CANONICAL = ("id", "input", "output", "confidence", "prompt_version", "created_at")
 
 
@@ -298,7 +299,7 @@ def export_source_rows(db: Database, source: SourceConfig, stage_dir: Path) -> E
         # Each stream: ADBC reading (C++, no GIL) and Parquet writing overlap in two threads;
         # streams cover disjoint day ranges, so they never write the same folder.
         with ThreadPoolExecutor(max_workers=len(ranges)) as pool:
-            futures = [pool.submit(_pipe, _iter_batches(db, build_query(source, lo, hi), 8 << 20), sink.write, 4)
+            futures = [pool.submit(_pipe, _iter_batches(db, build_query(source, lo, hi), BATCH_BYTES), sink.write, 2)
                        for (lo, hi), sink in zip(ranges, sinks)]
             for future in futures:
                 future.result()
