@@ -41,19 +41,21 @@ _MONTHS = ["January", "February", "March", "April", "May", "June", "July", "Augu
 
 # Boilerplate: forward-looking language, risk factors, definitions, safe harbor.
 _BOILERPLATE = [
-    "This {doc} contains forward-looking statements within the meaning of the Private Securities Litigation "
-    "Reform Act of 1995, including statements regarding {topic}.",
-    "Our results of operations may fluctuate significantly from {period} to {period} due to {factor}.",
-    "As used in this {doc}, the terms \"we,\" \"us\" and \"our\" refer to {company} and its subsidiaries.",
-    "We may be adversely affected by {factor}, which could harm our business and {topic}.",
-    "The following discussion should be read in conjunction with the consolidated financial statements "
-    "and related notes included in this {doc} concerning {topic}.",
-    "There can be no assurance that {factor} will not have a material adverse effect on {topic}.",
-    "Words such as \"anticipate,\" \"believe,\" \"expect\" and \"intend\" identify forward-looking statements "
-    "about {topic}.",
-    "{company} is subject to extensive regulation, and changes in {factor} could increase our costs.",
-    "Table of contents and index to consolidated financial statements for the {period} ended December 31, {year}.",
-    "We refer you to the risk factors in Item 1A of this {doc} for a discussion of {factor}.",
+    "This {doc} of {company} contains forward-looking statements within the meaning of the Private Securities "
+    "Litigation Reform Act of 1995, including statements regarding {topic}.",
+    "{company}'s results of operations may fluctuate significantly from {period} to {period} due to {factor}.",
+    "As used in this {doc}, the terms \"we,\" \"us\" and \"our\" refer to {company} and its {count} "
+    "consolidated subsidiaries.",
+    "{company} may be adversely affected by {factor}, which could harm its business and {topic}.",
+    "The following discussion of {topic} should be read in conjunction with Note {note} to the consolidated "
+    "financial statements of {company} included in this {doc}.",
+    "There can be no assurance that {factor} will not have a material adverse effect on {topic} at {company}.",
+    "Words such as \"anticipate,\" \"believe,\" \"expect\" and \"intend\" identify forward-looking "
+    "statements by {company} about {topic}.",
+    "{company} is subject to extensive regulation in {count} jurisdictions, and {factor} could increase its costs.",
+    "See page {page} of this {doc} for the index to the consolidated financial statements of {company} for the "
+    "{period} ended December 31, {year}.",
+    "Investors should read the risk factors in Item 1A of the {doc} of {company}, including those on {factor}.",
 ]
 _DOCS = ["Annual Report on Form 10-K", "Quarterly Report on Form 10-Q", "Current Report on Form 8-K",
          "registration statement", "proxy statement"]
@@ -64,6 +66,10 @@ _FACTORS = ["changes in interest rates", "supply chain disruptions", "cybersecur
             "fluctuations in foreign currency exchange rates", "the loss of key personnel",
             "adverse weather conditions", "increased competition", "changes in tax laws",
             "the outcome of pending litigation", "inflationary pressures"]
+_CLAUSES = [", except as required by applicable law", ", as amended", " for the periods presented",
+            ", which are incorporated herein by reference", " and should not be relied upon unduly",
+            ", as further described under Management's Discussion and Analysis", " in all material respects",
+            ", subject to the limitations described below", " as of the date of this report"]
 _PERIODS = ["quarter", "year", "fiscal quarter", "fiscal year"]
 
 
@@ -167,8 +173,10 @@ def _event(rng: random.Random) -> tuple[str, dict]:
 
 def _boilerplate(rng: random.Random) -> str:
     template = rng.choice(_BOILERPLATE)
-    return template.format(doc=rng.choice(_DOCS), topic=rng.choice(_TOPICS), factor=rng.choice(_FACTORS),
-                           period=rng.choice(_PERIODS), company=_company(rng), year=rng.choice([2024, 2025]))
+    text = template.format(doc=rng.choice(_DOCS), topic=rng.choice(_TOPICS), factor=rng.choice(_FACTORS),
+                           period=rng.choice(_PERIODS), company=_company(rng), year=rng.choice([2024, 2025]),
+                           count=rng.randint(2, 60), note=rng.randint(2, 24), page=rng.randint(40, 190))
+    return text[:-1] + rng.choice(_CLAUSES) + "." if rng.random() < 0.5 else text
 
 
 def _near_edit(rng: random.Random, text: str) -> str:

@@ -97,6 +97,9 @@ def label_shares(labels: list[str]) -> dict[str, float]:
 def write_splits(examples: pa.Table, cfg: SplitConfig, out_dir: Path, prompt_version: str) -> dict:
     """Assign, write {train,val,test}.parquet + a DatasetDict under hf/ + assignments; return the manifest."""
     from datasets import Dataset, DatasetDict  # heavy import, only when writing
+    from datasets.utils.logging import disable_progress_bar
+
+    disable_progress_bar()
 
     out_dir.mkdir(parents=True, exist_ok=True)
     assignment = assign_splits(examples, cfg, load_assignments(out_dir))
