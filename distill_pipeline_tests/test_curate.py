@@ -110,3 +110,15 @@ def test_unknown_confidence_passes_and_empty_input_table_works():
     assert result.counts["kept"] == 1
     empty = curate_table(table_of([]), cfg)
     assert empty.examples.num_rows == 0 and empty.counts["rows_in"] == 0
+
+
+def test_rows_the_teacher_could_not_label_are_quarantined_with_its_error():
+    table = table_of([(1, LONG_SENTENCE, EVENT, 9), (2, "Another sentence about a merger.", None, None),
+                      (3, "Third sentence, over budget.", None, None), (4, None, None, None)])
+    table = table.append_column("status", pa.array(["ok", "failed", "over_budget", "invalid_input"]))
+    table = table.append_column("error", pa.array([None, "gave up after 6 attempts: HTTP 500", "budget reached",
+                                                   "input is NULL"]))
+    result = curate_table(table, load_config(env={}))
+    assert reasons(result) == {"2": "teacher_failed", "3": "teacher_over_budget", "4": "input_null"}
+    details = dict(zip(result.quarantine.column("id").to_pylist(), result.quarantine.column("detail").to_pylist()))
+    assert details["2"] == "gave up after 6 attempts: HTTP 500"

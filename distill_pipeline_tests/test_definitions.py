@@ -65,6 +65,9 @@ def test_materialize_the_data_assets_over_demo_data(demo_env):
     assert result.success
     checks = {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
     assert checks["no_leakage_between_splits"] and checks["no_empty_split"] and checks["targets_match_task_schema"]
+    if "teacher_labels" in chain:  # v1: rows stored under v1 reused, the others asked from the demo teacher
+        labelled = result.asset_materializations_for_node("teacher_labels")[0].metadata
+        assert labelled["reused"].value > 0 and labelled["requested"].value > 0
     curated = result.asset_materializations_for_node("curated_examples")[0].metadata
     assert curated["kept"].value > 500 and curated["dropped_output_invalid"].value > 0
     assert curated["dropped_exact_duplicate"].value > 0 and curated["dropped_near_duplicate"].value > 0

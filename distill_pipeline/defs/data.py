@@ -1,18 +1,17 @@
-"""The data half of the graph: source_rows -> curated_examples -> dataset_splits.
+"""The data half of the graph: source_rows, then (after teacher_labels) curated_examples -> dataset_splits.
 
 Assets only wire stages to resources and record metadata; checks are computed by
 stage functions and reported as (blocking) asset checks of the same run.
 """
 
 
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 import dagster as dg
 
 from distill_pipeline.defs.partitions import prompt_versions
 from distill_pipeline.defs.resources import PostgresResource, SettingsResource
-from distill_pipeline.stages import curate, export, split
+from distill_pipeline.stages import curate, export, labels, split
 from distill_pipeline.stages.tasks import parse_output
 
 
@@ -39,17 +38,11 @@ def source_rows(settings: SettingsResource, postgres: PostgresResource) -> dg.Ma
     })
 
 
-def curation_input(cfg, prompt_version: str):
-    """Rows to curate for one prompt version: the teacher outputs stored under that version."""
-    table = export.read_source_rows(cfg)
-    return table.filter(pc.equal(table.column("prompt_version"), prompt_version))
-
-
 @dg.asset(
     group_name="data",
     kinds={"parquet"},
     partitions_def=prompt_versions,
-    deps=[source_rows],
+    deps=[dg.AssetKey("teacher_labels")],
     description="Validated, filtered, deduplicated examples; every dropped row quarantined with its reason.",
     check_specs=[
         dg.AssetCheckSpec("targets_match_task_schema", asset="curated_examples", blocking=True),
@@ -59,7 +52,7 @@ def curation_input(cfg, prompt_version: str):
 def curated_examples(context: dg.AssetExecutionContext, settings: SettingsResource):
     cfg = settings.load()
     pv = context.partition_key
-    result = curate.curate_table(curation_input(cfg, pv), cfg)
+    result = curate.curate_table(labels.read_labels(cfg, pv), cfg)
     manifest = curate.write_curated(result, cfg.stage_dir("curated_examples", pv), pv)
     bad = [t for t in result.examples.column("target").to_pylist() if not parse_output(cfg.task, t).ok]
     yield dg.MaterializeResult(metadata={

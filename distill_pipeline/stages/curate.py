@@ -90,9 +90,27 @@ def _decode_inputs(column: pa.ChunkedArray) -> tuple[pa.Array, list[str | None],
     return pa.array(decoded, pa.string()), errors, raw
 
 
-def _input_reasons(inputs: pa.Array, decode_errors: list, cfg: CurateConfig) -> list[tuple[str, str] | None]:
-    n = len(inputs)
+def _label_reasons(table: pa.Table) -> list[tuple[str, str] | None]:
+    """Rows teacher_labels could not label (its `status` column), with its error as the detail."""
+    n = table.num_rows
+    if "status" not in table.column_names:
+        return [None] * n
     reasons: list[tuple[str, str] | None] = [None] * n
+    errors = table.column("error").to_pylist() if "error" in table.column_names else [None] * n
+    for i, status in enumerate(table.column("status").to_pylist()):
+        error = errors[i] or status
+        if status == "invalid_input":
+            code = ("input_null" if "NULL" in error else "input_not_utf8" if "UTF-8" in error
+                    else "input_empty" if "empty" in error else "input_invalid")
+            reasons[i] = (code, error)
+        elif status in ("failed", "over_budget"):
+            reasons[i] = (f"teacher_{status}", error)
+    return reasons
+
+
+def _input_reasons(inputs: pa.Array, decode_errors: list, cfg: CurateConfig,
+                   reasons: list[tuple[str, str] | None]) -> list[tuple[str, str] | None]:
+    n = len(inputs)
     lengths = pc.utf8_length(inputs).to_numpy(zero_copy_only=False)
     stripped = pc.utf8_length(pc.utf8_trim_whitespace(inputs)).to_numpy(zero_copy_only=False)
     nulls = inputs.is_null().to_numpy(zero_copy_only=False)
@@ -100,6 +118,8 @@ def _input_reasons(inputs: pa.Array, decode_errors: list, cfg: CurateConfig) -> 
         letters = pc.count_substring_regex(inputs, r"\p{L}").to_numpy(zero_copy_only=False)
         latin = pc.count_substring_regex(inputs, r"\p{Latin}").to_numpy(zero_copy_only=False)
     for i in range(n):
+        if reasons[i] is not None:
+            continue
         if decode_errors[i]:
             reasons[i] = ("input_not_utf8", decode_errors[i])
         elif nulls[i]:
@@ -118,7 +138,7 @@ def _input_reasons(inputs: pa.Array, decode_errors: list, cfg: CurateConfig) -> 
 
 
 def curate_table(table: pa.Table, cfg: PipelineConfig) -> CurateResult:
-    """Curate rows with columns id, input, output, confidence, created_at (source_rows or teacher_labels)."""
+    """Curate rows with columns id, input, output, confidence, created_at (+ status, error from teacher_labels)."""
     started = time.perf_counter()
     c = cfg.curate
     n = table.num_rows
@@ -131,7 +151,7 @@ def curate_table(table: pa.Table, cfg: PipelineConfig) -> CurateResult:
     created = table.column("created_at").cast(pa.timestamp("us", tz="UTC")).cast(pa.int64()) \
         .to_numpy(zero_copy_only=False)
 
-    reasons = _input_reasons(inputs, decode_errors, c)
+    reasons = _input_reasons(inputs, decode_errors, c, _label_reasons(table))
     targets: list[str | None] = [None] * n
     labels: list[str | None] = [None] * n
     for i in range(n):
