@@ -86,8 +86,11 @@ def cmd_demo(args, cfg: PipelineConfig) -> None:
     instance = dagster_instance(cfg)
     keys = register_prompt_versions(cfg, instance)
     materialize(["source_rows"], None, instance, args.config)
+    chain = PARTITIONED_ORDER
+    if args.stop_after:
+        chain = PARTITIONED_ORDER[: PARTITIONED_ORDER.index(args.stop_after) + 1]
     for key in keys:
-        materialize(PARTITIONED_ORDER, key, instance, args.config)
+        materialize(chain, key, instance, args.config)
     print("\nOutputs:")
     for stage in ["source_rows"] + PARTITIONED_ORDER:
         path = cfg.stage_dir(stage)
@@ -159,6 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="seed the demo table and materialize the whole graph")
     demo.add_argument("--rows", type=int, default=5000)
     demo.add_argument("--seed", type=int, default=7)
+    demo.add_argument("--stop-after", choices=PARTITIONED_ORDER, help="materialize the graph only up to this asset")
     demo.set_defaults(func=cmd_demo)
     mat = sub.add_parser("materialize", help="materialize assets through Dagster")
     mat.add_argument("assets", nargs="*")
