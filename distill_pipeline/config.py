@@ -246,17 +246,27 @@ class TeacherConfig(Section):
         return v
 
 
-# Environment variable names that carry credentials: they may reach a pod only as
-# `valueFrom.secretKeyRef`, never as a plain value in the pod spec.
-_SECRET_NAME = re.compile(r"(PASSWORD|PASSWD|SECRET|TOKEN|API_?KEY|ACCESS_?KEY|PRIVATE_?KEY|CREDENTIAL|DATABASE_URL)", re.I)
+# Names of settings that carry credentials (they may reach a pod only as
+# `valueFrom.secretKeyRef`): matched on whole words, so HF_TOKEN is one but
+# TOKENIZERS_PARALLELISM or max_new_tokens are not.
+_SECRET_WORDS = {"password", "passwd", "pwd", "secret", "token", "apikey"}
+_SECRET_PAIR = re.compile(r"(^|_)(api|access|private|secret|auth)_key($|_)")
 # scheme://user:password@host -- a URL with an inline password.
 _URL_WITH_PASSWORD = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*://[^/@\s:]*:[^/@\s]+@")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
+def secret_name(name: str) -> bool:
+    """True for a setting name that denotes a credential (HF_TOKEN, teacher.api_key, DATABASE_URL)."""
+    words = [w for w in re.split(r"[^a-z0-9]+", name.lower()) if w]
+    joined = "_".join(words)
+    return (any(w.endswith(("password", "passwd", "token", "secret")) or w in _SECRET_WORDS for w in words)
+            or bool(_SECRET_PAIR.search(joined)) or joined == "database_url")
+
+
 def looks_secret(name: str, value: str | None = None) -> bool:
     """True for a setting that must not appear in logs, params or a pod spec."""
-    return bool(_SECRET_NAME.search(name)) or bool(value and _URL_WITH_PASSWORD.match(str(value)))
+    return secret_name(name) or bool(value and _URL_WITH_PASSWORD.match(str(value)))
 
 
 class LocalComputeConfig(Section):

@@ -6,8 +6,16 @@ no training code ever branches on "is logging on".
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import re
+import subprocess
+import time
 from pathlib import Path
 from typing import Any, Mapping, Protocol
+
+from distill_pipeline.config import secret_name
 
 
 class Tracker(Protocol):
@@ -43,3 +51,234 @@ class NullTracker:
 
     def set_tags(self, tags: Mapping[str, str]) -> None:
         pass
+
+
+# --- MLflow -----------------------------------------------------------------------------------
+# mlflow is imported inside functions only: this module is loaded with the Dagster definitions.
+
+# MLflow's own tag names, so the MLflow UI shows them in its usual places.
+TAG_GIT_COMMIT = "mlflow.source.git.commit"
+TAG_RUN_NAME = "mlflow.runName"
+# Dataset digests are stored in a 36-character column.
+_MLFLOW_DIGEST_LEN = 32
+_PARAM_VALUE_MAX = 6000
+_URL_PASSWORD = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.\-]*://[^/@\s:]*:)[^/@\s]+@")
+
+
+def redact(value: str) -> str:
+    """A string with any `scheme://user:password@` password replaced by ***."""
+    return _URL_PASSWORD.sub(lambda m: m.group("head") + "***@", value)
+
+
+def safe_params(params: Mapping[str, Any]) -> dict[str, str]:
+    """Params fit for MLflow: credentials dropped, URL passwords masked, values as bounded strings.
+
+    A key that names a credential (password, token, api key, ...) is dropped whatever its
+    value; a key that merely names *where* a credential lives (e.g. `teacher.api_key_env`)
+    is kept, since its value is an environment variable name, not the key.
+    """
+    out: dict[str, str] = {}
+    for key, value in params.items():
+        if value is None:
+            continue
+        if hasattr(value, "get_secret_value") or (secret_name(key) and not key.endswith("_env")):
+            continue
+        text = json.dumps(value, default=str, sort_keys=True) if isinstance(value, (list, tuple, dict)) else str(value)
+        text = redact(text)
+        out[key[:250]] = text[:_PARAM_VALUE_MAX]
+    return out
+
+
+def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1}; lists stay values."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+class MlflowTracker:
+    """A `Tracker` writing into one existing MLflow run (created by the Dagster side).
+
+    It never ends the run: the process that created it sets the final status.
+    """
+
+    def __init__(self, client: Any, run_id: str):
+        self.client = client
+        self.run_id = run_id
+
+    @classmethod
+    def connect(cls, tracking_uri: str, run_id: str) -> "MlflowTracker":
+        return cls(mlflow_client(tracking_uri), run_id)
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, v) for k, v in safe_params(params).items()]
+        for start in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
+            self.client.log_batch(self.run_id, params=items[start:start + 100])
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, int(step or 0)) for k, v in metrics.items() if v is not None]
+        for start in range(0, len(items), 1000):
+            self.client.log_batch(self.run_id, metrics=items[start:start + 1000])
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        path = Path(path)
+        if path.is_dir():
+            self.client.log_artifacts(self.run_id, str(path), artifact_path)
+        else:
+            self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def log_dataset(self, path: Path, name: str, digest: str, context: str) -> None:
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        path = Path(path).resolve()
+        schema, profile = _parquet_schema_profile(path)
+        profile["sha256"] = digest
+        dataset = Dataset(
+            name=name,
+            digest=digest[:_MLFLOW_DIGEST_LEN],
+            source_type="local",
+            source=json.dumps({"uri": path.as_uri()}),
+            schema=schema,
+            profile=json.dumps(profile),
+        )
+        tags = [InputTag("mlflow.data.context", context)]
+        self.client.log_inputs(self.run_id, datasets=[DatasetInput(dataset, tags)])
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        from mlflow.entities import RunTag
+
+        items = [RunTag(k, redact(str(v))) for k, v in tags.items() if v is not None]
+        for start in range(0, len(items), 100):
+            self.client.log_batch(self.run_id, tags=items[start:start + 100])
+
+
+def _parquet_schema_profile(path: Path) -> tuple[str | None, dict[str, Any]]:
+    """MLflow dataset schema (column names and types) and row count of a Parquet file."""
+    if path.suffix != ".parquet" or not path.is_file():
+        return None, {}
+    import pyarrow.parquet as pq
+
+    meta = pq.read_metadata(path)
+    arrow_schema = meta.schema.to_arrow_schema()
+    cols = [{"name": f.name, "type": str(f.type)} for f in arrow_schema]
+    return json.dumps({"mlflow_colspec": cols}), {"num_rows": meta.num_rows}
+
+
+def tracker_from_env(env: Mapping[str, str] | None = None) -> Tracker:
+    """The worker's tracker: MLflow when MLFLOW_TRACKING_URI and MLFLOW_RUN_ID are set, else nothing.
+
+    Under `accelerate launch` only the process of global rank 0 logs.
+    """
+    env = os.environ if env is None else env
+    uri, run_id = env.get("MLFLOW_TRACKING_URI"), env.get("MLFLOW_RUN_ID")
+    if not uri or not run_id or env.get("RANK", "0") not in ("", "0"):
+        return NullTracker()
+    return MlflowTracker.connect(uri, run_id)
+
+
+def default_tracking_uri(home: Path) -> str:
+    return "sqlite:///" + str((Path(home) / "mlflow" / "mlflow.db").resolve())
+
+
+def resolve_tracking_uri(cfg: Any, env: Mapping[str, str] | None = None) -> str:
+    """tracking.uri, else $MLFLOW_TRACKING_URI, else a SQLite store under <home>/mlflow."""
+    env = os.environ if env is None else env
+    return cfg.tracking.uri or env.get("MLFLOW_TRACKING_URI") or default_tracking_uri(cfg.home)
+
+
+def is_local_uri(uri: str) -> bool:
+    return uri.startswith(("sqlite:", "file:")) or "://" not in uri
+
+
+def mlflow_client(tracking_uri: str) -> Any:
+    from mlflow import MlflowClient
+
+    if tracking_uri.startswith("sqlite:///"):
+        Path(tracking_uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    return MlflowClient(tracking_uri=tracking_uri)
+
+
+def ensure_experiment(client: Any, name: str, artifact_location: str | None) -> str:
+    """The id of experiment `name`, created (with its artifact root) when missing."""
+    from mlflow.exceptions import MlflowException
+
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        if found.lifecycle_stage == "deleted":
+            client.restore_experiment(found.experiment_id)
+        return found.experiment_id
+    try:
+        return client.create_experiment(name, artifact_location=artifact_location)
+    except MlflowException:  # created by a concurrent run in between
+        found = client.get_experiment_by_name(name)
+        if found is None:
+            raise
+        return found.experiment_id
+
+
+def experiment_artifact_location(cfg: Any, tracking_uri: str) -> str | None:
+    if cfg.tracking.artifact_location:
+        return cfg.tracking.artifact_location
+    if is_local_uri(tracking_uri):
+        # Without this MLflow would put artifacts in ./mlruns of whatever directory we run in.
+        return (Path(cfg.home).resolve() / "mlflow" / "artifacts").as_uri()
+    return None
+
+
+def git_commit(repo_dir: Path | None = None) -> tuple[str | None, bool | None]:
+    """(commit, dirty) of the checkout the code runs from; $DISTILL_GIT_COMMIT in images without .git."""
+    if os.environ.get("DISTILL_GIT_COMMIT"):
+        return os.environ["DISTILL_GIT_COMMIT"], None
+    cwd = str(repo_dir or Path(__file__).resolve().parent.parent.parent)
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10)
+        if commit.returncode != 0:
+            return None, None
+        status = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd, capture_output=True, text=True, timeout=30
+        )
+        return commit.stdout.strip(), bool(status.stdout.strip()) if status.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None, None
+
+
+def run_link(ui_url: str | None, tracking_uri: str, experiment_id: str, run_id: str) -> str:
+    base = ui_url or (tracking_uri if tracking_uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000")
+    return f"{redact(base).rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def start_run(
+    client: Any,
+    experiment_id: str,
+    *,
+    run_name: str,
+    tags: Mapping[str, str | None],
+    params: Mapping[str, Any],
+) -> str:
+    """Create a RUNNING MLflow run with its tags and (secret-free) params; returns the run id."""
+    clean_tags = {k: redact(str(v)) for k, v in tags.items() if v is not None}
+    run = client.create_run(experiment_id, run_name=run_name, tags=clean_tags)
+    MlflowTracker(client, run.info.run_id).log_params(params)
+    return run.info.run_id
+
+
+def finish_run(client: Any, run_id: str, ok: bool) -> None:
+    client.set_terminated(run_id, "FINISHED" if ok else "FAILED")

@@ -82,6 +82,9 @@ class DemoRow:
     created_at: datetime
     kind: str  # event | skip | exact_dup | near_dup | low_conf | malformed | null_input | empty_input
     answer: dict  # what a perfect teacher answers for this sentence
+    # exact_dup / near_dup rows: the earlier sentence this one was copied or edited from
+    # (kept when the kind is later overwritten, e.g. malformed); ground truth for dedup benchmarks
+    source_sentence: str | None = None
 
 
 def _company(rng: random.Random) -> str:
@@ -214,6 +217,7 @@ def generate_rows(n: int = 5000, seed: int = 7, prompt_versions: tuple[str, str]
         confidence = float(rng.choice([8, 9, 9, 10, 10, 10]))
         roll = rng.random()
         kind = "event"
+        source = None
         if roll < 0.005:
             yield DemoRow(None, _dump({"skip": True}), confidence, version, created, "null_input", {"skip": True})
             continue
@@ -223,11 +227,11 @@ def generate_rows(n: int = 5000, seed: int = 7, prompt_versions: tuple[str, str]
             continue
         if roll < 0.06 and history:
             sentence, answer = rng.choice(history)
-            kind = "exact_dup"
+            kind, source = "exact_dup", sentence
         elif roll < 0.11 and history:
             base, answer = rng.choice(history)
             sentence = _near_edit(rng, base)
-            kind = "near_dup"
+            kind, source = "near_dup", base
         elif rng.random() < 0.6:
             sentence, answer = _boilerplate(rng), {"skip": True}
             kind = "skip"
@@ -245,4 +249,4 @@ def generate_rows(n: int = 5000, seed: int = 7, prompt_versions: tuple[str, str]
         elif second < 0.06:
             output = output[: rng.randint(3, max(4, len(output) - 2))]  # truncated generation
             kind = "malformed"
-        yield DemoRow(sentence, output, confidence, version, created, kind, answer)
+        yield DemoRow(sentence, output, confidence, version, created, kind, answer, source)

@@ -2,32 +2,37 @@
 
 Texts arrive already normalized and distinct (curation removes exact duplicates
 first). Two texts are near duplicates when the Jaccard similarity of their sets of
-character n-grams ("shingles"; a text shorter than n is one shingle) is at least
-the threshold; clusters are the connected components of the verified pairs, so a
-chain a~b~c puts a and c together even when J(a, c) is below the threshold.
+character n-grams ("shingles"; a text shorter than n is one shingle) is at least the
+threshold. Clusters are the connected components of the verified pairs: a chain
+a~b~c puts a and c together even when J(a, c) is below the threshold.
 
-How, and why this way (pure numpy over the Arrow string buffers, no per-text Python):
-  1. Signatures, chunk by chunk (memory stays bounded; chunks run on `workers`
-     threads, numpy releases the GIL): UTF-8 bytes -> code points -> one 64-bit
-     hash per shingle -> one-permutation MinHash (the hash picks one of `num_perm`
-     bins and a 32-bit value; each bin keeps its minimum), empty bins filled by
-     rotation densification. Per text we keep only `bands` 64-bit band keys and a
-     1-byte-per-slot signature (b-bit MinHash): 256 bytes at the defaults.
-  2. Candidates: texts sharing a band key. Small buckets give all their pairs; a
-     huge bucket (templated boilerplate) gives each member paired with the bucket's
-     first member and with its neighbours in an order by the other bands' keys, so
-     work stays linear in the bucket size.
-  3. Prefilter: pairs whose 1-byte signatures agree on too few slots are dropped
-     (cheap, vectorized); the margin below the threshold is wide (about 4 standard
-     deviations of the estimate) so true pairs are not lost here.
-  4. Verification: exact Jaccard of the shingle sets, recomputed for just the texts
-     in candidate pairs (vectorized, exact code-point packing of shingles).
-  5. Clusters: connected components of the verified pairs (min-label propagation);
-     each text maps to the smallest index in its cluster.
+Everything is numpy over the Arrow string buffers, never a Python loop per text:
+  1. Signatures, chunk by chunk on `workers` threads (numpy releases the GIL):
+     UTF-8 bytes -> code points -> one 64-bit hash per shingle -> two independent
+     one-permutation MinHash sketches of `num_perm` bins (the hash picks the bin and a
+     value; each bin keeps its minimum), empty bins filled by rotation densification.
+     Kept per text: `bands` 64-bit band keys (from the first sketch) and 4 bits of each
+     slot of both sketches (b-bit MinHash), 128 + 128 bytes at the defaults.
+  2. Candidates: texts sharing a band key. Each bucket gives its members paired with
+     its first member ("star"); small buckets also give all their other pairs, a huge
+     bucket (templated boilerplate) only each member's neighbours in an order by the
+     following bands' keys, so the work stays linear in the bucket size.
+  3. Union as we go: a candidate whose texts are already in one cluster is skipped;
+     the rest are estimated from the 4-bit sketches, those far below the threshold
+     (more than `prefilter_sigmas` standard deviations of the estimate) are dropped,
+     and the others are verified most-similar-first, a few per pair of clusters per
+     round, so a success makes the other pairs between those clusters redundant.
+  4. Verification: exact Jaccard of the shingle sets, recomputed for just the texts of
+     a batch of pairs (exact code-point packing, a per-batch vocabulary, set
+     intersection as a boolean matrix).
+  5. Clusters: connected components of the verified pairs; each text maps to the
+     smallest index of its cluster.
 """
 
 from __future__ import annotations
 
+import math
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Sequence
@@ -35,15 +40,18 @@ from typing import Sequence
 import numpy as np
 import pyarrow as pa
 
-_MAX32 = np.uint32(0xFFFFFFFF)
 _U64 = np.uint64
-# Odd 64-bit constants for hashing (fixed: the same text always gets the same signature).
+_EMPTY = np.uint32(0xFFFFFFFF)
+# Fixed odd 64-bit constants: the same text always gets the same signature.
 _POLY = _U64(0x9E3779B97F4A7C15)
 _M1 = _U64(0xFF51AFD7ED558CCD)
 _M2 = _U64(0xC4CEB9FE1A85EC53)
 _SHORT_TAG = _U64(0xD6E8FEB86659FD93)
 _ROT = _U64(0xA0761D6478BD642F)
 _BAND_MULT = np.random.default_rng(20261123).integers(1, 1 << 63, 4096, dtype=np.uint64) | _U64(1)
+# Matching 4-bit halves of x = a ^ b (two sketches packed in one byte per slot).
+_NIBBLE_MATCHES = np.array([(x >> 4 == 0) + (x & 15 == 0) for x in range(256)], np.uint8)
+_SKETCHES, _SKETCH_BITS = 2, 4
 
 
 @dataclass(frozen=True)
@@ -53,25 +61,42 @@ class Params:
     num_perm: int = 128
     bands: int = 16
     workers: int = 2
+    # Texts per signature chunk (small enough that a chunk's arrays stay in cache).
     chunk_docs: int = 4096
-    # A bucket larger than this is not expanded into all its pairs (see module doc).
+    # A bucket up to this size gives all its pairs; a larger one stars and neighbours only.
     max_bucket_pairs: int = 16
-    # In a huge bucket, each member is also paired with this many neighbours.
+    # In a huge bucket, each member is paired with this many neighbours.
     bucket_window: int = 3
-    # Candidates whose signatures agree on fewer than (threshold - margin) of the slots are dropped.
-    prefilter_margin: float = 0.2
+    # Drop candidates whose estimated Jaccard is this many standard deviations below the
+    # threshold; None verifies every candidate.
+    prefilter_sigmas: float | None = 2.0
+    # Candidate pairs held back at most (bounded memory: 8 bytes each).
+    max_pending: int = 1 << 23
+    # Pairs verified per batch (bounded memory for the verification).
+    verify_batch: int = 2048
 
     def __post_init__(self) -> None:
         if not 0 < self.threshold <= 1:
             raise ValueError(f"threshold={self.threshold} must be in (0, 1]")
         if not 1 <= self.shingle_size <= 16:
             raise ValueError(f"shingle_size={self.shingle_size} must be between 1 and 16")
-        if self.num_perm < 1 or self.bands < 1 or self.num_perm % self.bands:
+        if not 1 <= self.num_perm <= 4096:
+            raise ValueError(f"num_perm={self.num_perm} must be between 1 and 4096")
+        if self.bands < 1 or self.num_perm % self.bands:
             raise ValueError(f"bands={self.bands} must divide num_perm={self.num_perm}")
-        if self.num_perm > 4096:
-            raise ValueError(f"num_perm={self.num_perm} is above 4096")
-        if self.workers < 1 or self.chunk_docs < 1:
-            raise ValueError("workers and chunk_docs must be at least 1")
+        if self.workers < 1 or self.chunk_docs < 1 or self.verify_batch < 1:
+            raise ValueError("workers, chunk_docs and verify_batch must be at least 1")
+
+    def agreement_at(self, similarity: float, sigmas: float = 0.0) -> int:
+        """Matching 4-bit slots (of 2 * num_perm) expected at `similarity`, less `sigmas` deviations."""
+        chance = 1 / 2 ** _SKETCH_BITS  # slots of unrelated texts match by chance in their kept bits
+        slots = _SKETCHES * self.num_perm
+        p = chance + (1 - chance) * similarity
+        return max(0, math.floor((p - sigmas * math.sqrt(p * (1 - p) / slots)) * slots))
+
+    def min_agreement(self) -> int:
+        """Candidates matching on fewer slots are not verified."""
+        return 0 if self.prefilter_sigmas is None else self.agreement_at(self.threshold, self.prefilter_sigmas)
 
 
 # ---------------------------------------------------------------- exact reference
@@ -130,44 +155,47 @@ def _codepoints(data: np.ndarray, boff: np.ndarray) -> tuple[np.ndarray, np.ndar
     return cp.astype(np.uint32), before[boff]
 
 
+def _texts_codepoints(arr: pa.Array, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+    offsets, data = _buffers(arr)
+    boff = offsets[start: stop + 1]
+    return _codepoints(data[boff[0]: boff[-1]], boff - boff[0])
+
+
 def _windows(coff: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Shingles per text (at least 1), the start char of each shingle, and which texts are short."""
     lengths = np.diff(coff)
     short = lengths < k
     counts = np.where(short, 1, lengths - k + 1)
-    total = int(counts.sum())
     first = np.cumsum(counts) - counts
-    starts = np.arange(total, dtype=np.int64) + np.repeat(coff[:-1] - first, counts)
+    starts = np.arange(int(counts.sum()), dtype=np.int64) + np.repeat(coff[:-1] - first, counts)
     return counts, starts, short
 
 
-def _shingle_hashes(cp: np.ndarray, coff: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """A 64-bit hash per shingle (a fixed polynomial of the code points), and shingles per text."""
+def _combine(v: np.ndarray, coff: np.ndarray, k: int, step) -> tuple[np.ndarray, np.ndarray]:
+    """One value per shingle folded from its k chars by `step(acc, char)`, and shingles per text.
+
+    A short text's shingle is folded from its own chars, then `step(acc, 0)` for each
+    missing one (chars are >= 1, so it differs from every full shingle).
+    """
     counts, starts, short = _windows(coff, k)
-    v = cp.astype(np.uint64) + _U64(1)
-    total_chars = v.size
-    if total_chars >= k:
-        rolled = v[: total_chars - k + 1].copy()
+    n_chars = v.size
+    if n_chars >= k:
+        rolled = v[: n_chars - k + 1].copy()
         for j in range(1, k):
-            rolled *= _POLY
-            rolled += v[j: total_chars - k + 1 + j]
+            rolled = step(rolled, v[j: n_chars - k + 1 + j])
+        out = rolled[np.minimum(starts, n_chars - k)]
     else:
-        rolled = np.zeros(0, np.uint64)
-    if not short.any():
-        return rolled[starts], counts
-    h = np.zeros(starts.size, np.uint64)
-    long_rows = ~np.repeat(short, counts)
-    h[long_rows] = rolled[starts[long_rows]]
-    # a short text: the polynomial of its chars, tagged with its length
-    short_idx = np.flatnonzero(short)
-    pos = np.cumsum(counts)[short_idx] - 1
-    lengths = np.diff(coff)[short_idx]
-    acc = np.zeros(short_idx.size, np.uint64)
-    for j in range(k - 1):
-        has = lengths > j
-        acc[has] = acc[has] * _POLY + v[coff[short_idx[has]] + j]
-    h[pos] = acc ^ (_SHORT_TAG * (lengths.astype(np.uint64) + _U64(1)))
-    return h, counts
+        out = np.zeros(starts.size, v.dtype)
+    if short.any():
+        idx = np.flatnonzero(short)
+        lengths = np.diff(coff)[idx]
+        acc = np.zeros(idx.size, v.dtype)
+        for j in range(k):
+            char = np.where(lengths > j, v[np.minimum(coff[idx] + j, max(n_chars - 1, 0))], 0) \
+                if n_chars else np.zeros(idx.size, v.dtype)
+            acc = step(acc, char.astype(v.dtype)) if j else char.astype(v.dtype)
+        out[np.cumsum(counts)[idx] - 1] = acc
+    return out, counts
 
 
 def _mix(h: np.ndarray) -> np.ndarray:
@@ -182,26 +210,43 @@ def _mix(h: np.ndarray) -> np.ndarray:
 
 # ---------------------------------------------------------------- signatures
 
-def _signature_chunk(data: np.ndarray, boff: np.ndarray, p: Params) -> tuple[np.ndarray, np.ndarray]:
-    """Band keys (n, bands) uint64 and 1-byte signatures (n, num_perm) for one chunk of texts."""
-    n, K = len(boff) - 1, p.num_perm
-    cp, coff = _codepoints(data[boff[0]: boff[-1]], boff - boff[0])
-    h, counts = _shingle_hashes(cp, coff, p.shingle_size)
-    h = _mix(h)
-    bins = ((h >> _U64(32)) * _U64(K)) >> _U64(32)
-    slot = np.repeat(np.arange(n, dtype=np.int64) * K, counts) + bins.astype(np.int64)
-    sig = np.full(n * K, _MAX32, np.uint32)
-    np.minimum.at(sig, slot, h.astype(np.uint32))
-    sig = sig.reshape(n, K)
-    _densify(sig)
+def _poly_step(acc: np.ndarray, char: np.ndarray) -> np.ndarray:
+    acc *= _POLY
+    acc += char
+    return acc
 
-    # band b takes slots b, b + bands, ...: interleaved, so that one band is not made of
-    # neighbouring bins filled from the same source by densification. The key is a
+
+def _signature_chunk(arr: pa.Array, start: int, stop: int, p: Params) -> tuple[np.ndarray, np.ndarray]:
+    """Band keys (n, bands) uint64 and packed 4-bit sketches (n, num_perm) uint8 for texts [start, stop)."""
+    n, K = stop - start, p.num_perm
+    cp, coff = _texts_codepoints(arr, start, stop)
+    h, counts = _combine(cp.astype(np.uint64) + _U64(1), coff, p.shingle_size, _poly_step)
+    h = _mix(h ^ _SHORT_TAG)
+    index = np.int32 if n * _SKETCHES * K < 2 ** 31 else np.int64
+    base = np.repeat(np.arange(0, n * _SKETCHES * K, _SKETCHES * K, dtype=index), counts)
+    sig = np.full(n * _SKETCHES * K, _EMPTY, np.uint32)
+    # two sketches from the two 32-bit halves of the hash: 16 bits pick the bin, 16 the value
+    for s, half in enumerate(((h >> _U64(32)).astype(np.uint32), h.astype(np.uint32))):
+        slot = ((half >> np.uint32(16)) * np.uint32(K)) >> np.uint32(16)
+        slot = slot.astype(index)
+        slot += base
+        if s:
+            slot += K
+        np.minimum.at(sig, slot, half & np.uint32(0xFFFF))
+    sig = sig.reshape(n * _SKETCHES, K)
+    _densify(sig)
+    sig = sig.reshape(n, _SKETCHES, K)
+
+    # band b takes slots b, b + bands, ... of the first sketch: interleaved, so a band is not
+    # made of neighbouring bins filled from one source by densification. The key is a
     # multilinear hash of the band's values (a rare collision only adds a candidate).
     rows = K // p.bands
-    banded = sig.reshape(n, rows, p.bands).transpose(0, 2, 1).astype(np.uint64)
-    keys = (banded * _BAND_MULT[:rows]).sum(axis=2, dtype=np.uint64)
-    return keys, (sig & 0xFF).astype(np.uint8)
+    banded = sig[:, 0, :].reshape(n, rows, p.bands).astype(np.uint64)
+    banded *= _BAND_MULT[:rows, None]
+    keys = banded.sum(axis=1, dtype=np.uint64)
+    packed = np.zeros((n, -(-K // 8) * 8), np.uint8)  # padded to whole 8-byte words
+    packed[:, :K] = (sig[:, 0, :] & 15) << 4 | (sig[:, 1, :] & 15)
+    return keys, packed
 
 
 def _densify(sig: np.ndarray) -> None:
@@ -209,197 +254,281 @@ def _densify(sig: np.ndarray) -> None:
 
     The filled value depends on the source value and the distance, so two texts get
     equal values in a bin exactly when their sources agree at the same distance.
-    Works on the flattened (n * K) array: every row has at least one non-empty bin.
+    Every row has at least one non-empty bin.
     """
-    n, K = sig.shape
+    K = sig.shape[1]
     flat = sig.reshape(-1)
-    empty = flat == _MAX32
-    if not empty.any():
+    full = flat != _EMPTY
+    where = np.flatnonzero(~full)
+    if not where.size:
         return
-    pos = np.arange(flat.size, dtype=np.int64)
-    big = np.int64(flat.size + K)
-    nxt = np.where(empty, big, pos)
-    nxt = np.minimum.accumulate(nxt[::-1])[::-1]  # next non-empty position, maybe in a later row
-    where = np.flatnonzero(empty)
-    row_end = (where // K + 1) * K
-    src = nxt[where]
-    wrapped = src >= row_end
-    # past the row's end: wrap to the row's first non-empty bin
-    src[wrapped] = nxt[row_end[wrapped] - K]
-    dist = np.where(wrapped, src + K - where, src - where).astype(np.uint64)
-    filled = flat[src].astype(np.uint64) + dist * _ROT
-    flat[where] = (_mix(filled) & _U64(0xFFFFFFFE)).astype(np.uint32)  # never the empty marker
+    nonempty = np.flatnonzero(full)
+    before = np.cumsum(full, dtype=np.int64)  # non-empty bins up to and including each position
+    col = where % K
+    row0 = where - col
+    nxt = nonempty[np.minimum(before[where], nonempty.size - 1)]  # first non-empty after `where`
+    wrapped = nxt >= row0 + K  # none after it in its row: the row's first non-empty bin
+    nxt[wrapped] = nonempty[before[row0[wrapped]] - full[row0[wrapped]]]
+    dist = (nxt - where) % K
+    h = flat[nxt].astype(np.uint64) + dist.astype(np.uint64) * _ROT
+    flat[where] = (_mix(h) & _U64(0xFFFFFFFE)).astype(np.uint32)  # never the empty marker
 
 
 def _signatures(arr: pa.Array, p: Params) -> tuple[np.ndarray, np.ndarray]:
-    offsets, data = _buffers(arr)
     n = len(arr)
-    bounds = list(range(0, n, p.chunk_docs)) + [n]
-    jobs = [(offsets[a: b + 1]) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
-
-    def run(boff):
-        return _signature_chunk(data, boff, p)
-
-    if p.workers > 1 and len(jobs) > 1:
+    spans = [(a, min(a + p.chunk_docs, n)) for a in range(0, n, p.chunk_docs)]
+    if p.workers > 1 and len(spans) > 1:
         with ThreadPoolExecutor(p.workers) as pool:
-            parts = list(pool.map(run, jobs))
+            parts = list(pool.map(lambda span: _signature_chunk(arr, *span, p), spans))
     else:
-        parts = [run(j) for j in jobs]
+        parts = [_signature_chunk(arr, a, b, p) for a, b in spans]
     if not parts:
-        return np.zeros((0, p.bands), np.uint64), np.zeros((0, p.num_perm), np.uint8)
-    return np.concatenate([a for a, _ in parts]), np.concatenate([b for _, b in parts])
+        return np.zeros((0, p.bands), np.uint64), np.zeros((0, -(-p.num_perm // 8) * 8), np.uint8)
+    return np.concatenate([k for k, _ in parts]), np.concatenate([s for _, s in parts])
 
 
 # ---------------------------------------------------------------- candidates
 
-def _band_pairs(keys: np.ndarray, band: int, p: Params) -> np.ndarray:
-    """Candidate pairs (m, 2) int64 from one band's buckets; linear in the size of a huge bucket."""
+def _band_pairs(keys: np.ndarray, band: int, p: Params) -> tuple[np.ndarray, np.ndarray]:
+    """Candidate pairs of one band, as (star, rest), each (m, 2) int64."""
     n = keys.shape[0]
     col = keys[:, band]
     order = np.argsort(col, kind="stable")
     sk = col[order]
-    breaks = np.flatnonzero(sk[1:] != sk[:-1]) + 1
-    starts = np.concatenate(([0], breaks))
-    sizes = np.diff(np.concatenate((starts, [n])))
-    out = []
-    small = (sizes >= 2) & (sizes <= p.max_bucket_pairs)
+    starts = np.flatnonzero(np.concatenate(([True], sk[1:] != sk[:-1])))
+    sizes = np.diff(np.append(starts, n))
+    multi = sizes >= 2
+    first = np.repeat(starts[multi], sizes[multi])
+    at = np.arange(first.size) + first - np.repeat(np.cumsum(sizes[multi]) - sizes[multi], sizes[multi])
+    star = np.stack((order[first], order[at]), axis=1)[at != first]
+    rest = []
+    small = multi & (sizes <= p.max_bucket_pairs)
     for m in np.unique(sizes[small]):
-        first = starts[sizes == m]
+        if m < 3:
+            continue
         iu, ju = np.triu_indices(int(m), 1)
-        out.append(np.stack((order[first[:, None] + iu].ravel(), order[first[:, None] + ju].ravel()), axis=1))
+        keep = iu > 0  # the pairs with the first member are stars
+        base = starts[sizes == m][:, None]
+        rest.append(np.stack((order[base + iu[keep]].ravel(), order[base + ju[keep]].ravel()), axis=1))
     big = np.flatnonzero(sizes > p.max_bucket_pairs)
-    if big.size:
-        run_of = np.repeat(np.arange(big.size), sizes[big])
-        idx = np.arange(run_of.size) + np.repeat(starts[big] - (np.cumsum(sizes[big]) - sizes[big]), sizes[big])
+    if big.size and p.bucket_window:
+        runs = np.repeat(np.arange(big.size), sizes[big])
+        idx = np.arange(runs.size) + np.repeat(starts[big] - (np.cumsum(sizes[big]) - sizes[big]), sizes[big])
         members = order[idx]
-        pivots = members[np.repeat(np.cumsum(sizes[big]) - sizes[big], sizes[big])]
-        star = members != pivots
-        out.append(np.stack((pivots[star], members[star]), axis=1))
-        # neighbours in an order by the next bands' keys: members that also share other
-        # bands (the likely near duplicates) end up next to each other
+        # members that share the next bands too (the likely near duplicates) end up adjacent
         nb = keys.shape[1]
-        sort_keys = [keys[members, (band + j) % nb] for j in range(min(3, nb - 1), 0, -1)]
-        o = np.lexsort(tuple(sort_keys) + (run_of,))
-        ms, rs = members[o], run_of[o]
+        following = tuple(keys[members, (band + j) % nb] for j in range(min(3, nb - 1), 0, -1))
+        o = np.lexsort(following + (runs,))
+        ms, rs = members[o], runs[o]
         for d in range(1, p.bucket_window + 1):
             same = rs[d:] == rs[:-d]
-            out.append(np.stack((ms[:-d][same], ms[d:][same]), axis=1))
-    if not out:
-        return np.zeros((0, 2), np.int64)
-    return np.concatenate(out).astype(np.int64)
+            rest.append(np.stack((ms[:-d][same], ms[d:][same]), axis=1))
+    rest = np.concatenate(rest) if rest else np.zeros((0, 2), np.int64)
+    return star.astype(np.int64), rest.astype(np.int64)
 
 
-def _candidates(keys: np.ndarray, sig8: np.ndarray, p: Params) -> np.ndarray:
-    """Unique candidate pairs (i < j) that pass the signature prefilter."""
-    codes = []
-    for b in range(keys.shape[1]):
-        pairs = _band_pairs(keys, b, p)
-        lo, hi = np.minimum(pairs[:, 0], pairs[:, 1]), np.maximum(pairs[:, 0], pairs[:, 1])
-        codes.append(np.unique((lo.astype(np.uint64) << _U64(32)) | hi.astype(np.uint64)))
-    code = np.unique(np.concatenate(codes)) if codes else np.zeros(0, np.uint64)
-    pairs = np.stack(((code >> _U64(32)).astype(np.int64), (code & _U64(0xFFFFFFFF)).astype(np.int64)), axis=1)
-    pairs = pairs[pairs[:, 0] != pairs[:, 1]]
-    if not pairs.size:
-        return pairs
-    need = int(np.ceil(max(p.threshold - p.prefilter_margin, 0.0) * sig8.shape[1]))
-    keep = np.zeros(len(pairs), bool)
-    step = 1 << 16
-    for a in range(0, len(pairs), step):
-        chunk = pairs[a: a + step]
-        agree = np.count_nonzero(sig8[chunk[:, 0]] == sig8[chunk[:, 1]], axis=1)
-        keep[a: a + step] = agree >= need
-    return pairs[keep]
+def _each_band(keys: np.ndarray, p: Params):
+    """_band_pairs of every band in order, the next ones computed ahead on worker threads."""
+    if p.workers == 1:
+        yield from (_band_pairs(keys, b, p) for b in range(p.bands))
+        return
+    with ThreadPoolExecutor(p.workers - 1) as pool:
+        ahead = [pool.submit(_band_pairs, keys, b, p) for b in range(min(p.workers, p.bands))]
+        for b in range(p.bands):
+            result = ahead.pop(0).result()
+            if b + len(ahead) + 1 < p.bands:
+                ahead.append(pool.submit(_band_pairs, keys, b + len(ahead) + 1, p))
+            yield result
+
+
+class _Clusters:
+    """Union of verified pairs, grown batch by batch; pairs already inside one cluster are skipped."""
+
+    def __init__(self, arr: pa.Array, sketch: np.ndarray, p: Params):
+        self.arr, self.sketch, self.p = arr, sketch, p
+        self.root = np.arange(len(arr), dtype=np.int64)
+        self.need = p.min_agreement()
+        self.edges: list[np.ndarray] = []
+        self.sims: list[np.ndarray] = []
+        self.verified = 0
+
+    def agreement(self, pairs: np.ndarray) -> np.ndarray:
+        """Matching 4-bit slots of each pair (XOR the packed sketches 8 bytes at a time, count zero nibbles)."""
+        words = self.sketch.view(np.uint64)
+        out = np.empty(len(pairs), np.int64)
+        step = 1 << 14
+        slots = _SKETCHES * self.p.num_perm  # padding bytes always match: not counted
+        for a in range(0, len(pairs), step):
+            c = pairs[a: a + step]
+            x = words[c[:, 0]] ^ words[c[:, 1]]
+            x |= x >> _U64(1)
+            x |= x >> _U64(2)
+            x &= _U64(0x1111111111111111)  # one bit per nonzero nibble
+            out[a: a + step] = slots - np.bitwise_count(x).sum(axis=1, dtype=np.int64)
+        return out
+
+    def candidates(self, pairs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Pairs not yet in one cluster that pass the prefilter, with their agreement."""
+        pairs = pairs[self.root[pairs[:, 0]] != self.root[pairs[:, 1]]]
+        agree = self.agreement(pairs)
+        keep = agree >= self.need
+        return pairs[keep], agree[keep]
+
+    def add(self, pairs: np.ndarray, agree: np.ndarray) -> None:
+        """Verify `pairs`, most similar first, and merge the clusters of those that pass."""
+        pairs = pairs[np.argsort(-agree, kind="stable")]
+        cap = 1
+        while len(pairs):
+            ra, rb = self.root[pairs[:, 0]], self.root[pairs[:, 1]]
+            still = ra != rb
+            pairs, ra, rb = pairs[still], ra[still], rb[still]
+            if not len(pairs):
+                break
+            # at most `cap` pairs per pair of clusters this round, doubling each round: a failed
+            # pair does not hold the others back, a success makes them redundant
+            code = (np.minimum(ra, rb).astype(np.uint64) << _U64(32)) | np.maximum(ra, rb).astype(np.uint64)
+            order = np.argsort(code, kind="stable")
+            sc = code[order]
+            begin = np.flatnonzero(np.concatenate(([True], sc[1:] != sc[:-1])))
+            rank = np.arange(len(sc)) - np.repeat(begin, np.diff(np.append(begin, len(sc))))
+            chosen = np.zeros(len(pairs), bool)
+            chosen[order[rank < cap]] = True
+            batch = pairs[chosen]
+            sim = exact_jaccard_pairs(self.arr, batch, self.p.shingle_size, workers=self.p.workers,
+                                      batch_pairs=self.p.verify_batch)
+            self.verified += len(batch)
+            ok = sim >= self.p.threshold - 1e-12
+            if ok.any():
+                self.edges.append(batch[ok])
+                self.sims.append(sim[ok])
+                self.root = _components(self.root, batch[ok])
+            pairs = pairs[~chosen]
+            cap *= 2
 
 
 # ---------------------------------------------------------------- exact verification
 
-def _exact_jaccard_pairs(arr: pa.Array, pairs: np.ndarray, k: int, batch_pairs: int = 1 << 15) -> np.ndarray:
-    """Exact shingle Jaccard for each pair (vectorized, in batches of pairs)."""
-    out = np.empty(len(pairs), np.float64)
-    for a in range(0, len(pairs), batch_pairs):
-        out[a: a + batch_pairs] = _exact_batch(arr, pairs[a: a + batch_pairs], k)
-    return out
+_scratch = threading.local()
+
+
+def _or_step(bits: int):
+    def step(acc: np.ndarray, char: np.ndarray) -> np.ndarray:
+        acc <<= acc.dtype.type(bits)
+        acc |= char
+        return acc
+    return step
+
+
+def exact_jaccard_pairs(texts, pairs: np.ndarray, shingle_size: int = 3, *, workers: int = 1,
+                        batch_pairs: int = 2048) -> np.ndarray:
+    """Exact shingle Jaccard of each pair (i, j) of `texts` (vectorized, in batches)."""
+    arr = _as_string_array(texts)
+    pairs = np.asarray(pairs, np.int64).reshape(-1, 2)
+    spans = [(a, min(a + batch_pairs, len(pairs))) for a in range(0, len(pairs), batch_pairs)]
+    run = lambda span: _exact_batch(arr, pairs[span[0]: span[1]], shingle_size)  # noqa: E731
+    if workers > 1 and len(spans) > 1:
+        with ThreadPoolExecutor(workers) as pool:
+            parts = list(pool.map(run, spans))
+    else:
+        parts = [run(s) for s in spans]
+    return np.concatenate(parts) if parts else np.zeros(0)
+
+
+def _first_of_each(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """Indices of the first occurrence of each distinct (lo, hi)."""
+    code = (lo.astype(np.uint64) << _U64(32)) | hi.astype(np.uint64)
+    order = np.argsort(code, kind="stable")
+    sc = code[order]
+    return np.sort(order[np.concatenate(([True], sc[1:] != sc[:-1]))]) if len(sc) else order
+
+
+def _sorted_unique(x: np.ndarray) -> np.ndarray:
+    x = np.sort(x)
+    return x[np.concatenate(([True], x[1:] != x[:-1]))] if x.size else x
 
 
 def _exact_batch(arr: pa.Array, pairs: np.ndarray, k: int) -> np.ndarray:
-    docs, local = np.unique(pairs.ravel(), return_inverse=True)
-    local = local.reshape(pairs.shape)
+    flat = pairs.ravel()
+    docs = _sorted_unique(flat)
+    local = np.searchsorted(docs, flat).reshape(pairs.shape)
     sub = arr.take(pa.array(docs, pa.int64()))
-    boff, data = _buffers(sub)
-    cp, coff = _codepoints(data[boff[0]: boff[-1]], boff - boff[0])
-    v = cp.astype(np.uint64) + _U64(1)
-    bits = max(int(v.max()).bit_length() if v.size else 1, 1)
-    rank_bits = max(int(len(docs)).bit_length(), 1)
-    if k * bits > 64:  # shingles cannot be packed exactly into 64 bits: compare sets in Python
+    cp, coff = _texts_codepoints(sub, 0, len(sub))
+    # renumber the batch's alphabet 1..a (0 pads a short text), so shingles pack into few bits
+    if cp.size and int(cp.max()) < (1 << 16):
+        present = np.bincount(cp, minlength=1) > 0
+        lut = np.cumsum(present, dtype=np.uint32)
+        v = lut[cp]
+        alphabet = int(lut[-1])
+    else:
+        letters = _sorted_unique(cp)
+        v = (np.searchsorted(letters, cp) + 1).astype(np.uint32)
+        alphabet = int(letters.size)
+    bits = max(alphabet.bit_length(), 1)
+    if k * bits > 64:  # a shingle does not fit exactly in 64 bits: compare the sets in Python
         texts = sub.to_pylist()
         return np.array([jaccard(texts[i], texts[j], k) for i, j in local])
-    # exact packing: shingle = its k code points (+1, so a short text's zero padding is distinct)
-    counts, starts, short = _windows(coff, k)
-    total_chars = v.size
-    ends = np.repeat(coff[1:], counts)
-    ids = np.zeros(starts.size, np.uint64)
-    for j in range(k):
-        at = starts + j
-        present = at < ends
-        ids <<= _U64(bits)
-        ids[present] |= v[at[present]]
-    del total_chars
-    doc_of = np.repeat(np.arange(len(docs), dtype=np.uint64), counts)
-    if k * bits + rank_bits <= 64:
-        comp = (doc_of << _U64(k * bits)) | ids
-        shift = k * bits
-    else:  # re-number the distinct shingles densely so that (doc, shingle) fits in 64 bits
-        _, dense = np.unique(ids, return_inverse=True)
-        shift = max(int(dense.max()).bit_length(), 1)
-        comp = (doc_of << _U64(shift)) | dense.astype(np.uint64)
-    uniq = np.unique(comp)  # sorted by doc, then shingle; each doc's set once
-    doc_u = (uniq >> _U64(shift)).astype(np.int64)
-    size = np.bincount(doc_u, minlength=len(docs))
-    begin = np.concatenate(([0], np.cumsum(size)[:-1]))
-    # look up the members of the smaller set in the other set
+    v = v.astype(np.uint32 if k * bits <= 32 else np.uint64)
+    ids, counts = _combine(v, coff, k, _or_step(bits))  # a shingle packed exactly: its k chars side by side
+    # number the batch's distinct shingles 0..V-1
+    if k * bits <= 20:  # small id space: a lookup table, no sort
+        space = 1 << (k * bits)
+        if getattr(_scratch, "space", 0) < space:
+            _scratch.mark, _scratch.table, _scratch.space = np.zeros(space, bool), np.zeros(space, np.int32), space
+        mark = _scratch.mark[:space]
+        mark[ids] = True
+        vocab = np.flatnonzero(mark)
+        mark[vocab] = False
+        _scratch.table[vocab] = np.arange(vocab.size, dtype=np.int32)
+        dense = _scratch.table[ids]
+    else:
+        vocab = _sorted_unique(ids)
+        dense = np.searchsorted(vocab, ids)
+    width = max(-(-int(vocab.size) // 64), 1) * 64
+    if len(docs) * width > (1 << 25) and len(pairs) > 1:  # keep the membership matrix small
+        half = len(pairs) // 2
+        return np.concatenate((_exact_batch(arr, pairs[:half], k), _exact_batch(arr, pairs[half:], k)))
+    # each text's set as a bitset over the vocabulary: |A & B| is a popcount
+    member = np.zeros(len(docs) * width, bool)
+    member[np.repeat(np.arange(len(docs), dtype=np.int64) * width, counts) + dense] = True
+    words = np.packbits(member.reshape(len(docs), width), axis=1, bitorder="little").view(np.uint64)
+    size = np.bitwise_count(words).sum(axis=1, dtype=np.int64)
     a, b = local[:, 0], local[:, 1]
-    swap = size[a] > size[b]
-    a, b = np.where(swap, b, a), np.where(swap, a, b)
-    qn = size[a]
-    pair_of = np.repeat(np.arange(len(pairs)), qn)
-    elem = np.arange(qn.sum()) + np.repeat(begin[a] - (np.cumsum(qn) - qn), qn)
-    mask = _U64((1 << shift) - 1) if shift < 64 else _U64(0xFFFFFFFFFFFFFFFF)
-    query = (b[pair_of].astype(np.uint64) << _U64(shift)) | (uniq[elem] & mask)
-    at = np.minimum(np.searchsorted(uniq, query), uniq.size - 1)
-    inter = np.bincount(pair_of, weights=(uniq[at] == query), minlength=len(pairs))
+    inter = np.bitwise_count(words[a] & words[b]).sum(axis=1, dtype=np.int64)
     return inter / (size[a] + size[b] - inter)
 
 
 # ---------------------------------------------------------------- clusters
 
-def _components(n: int, edges: np.ndarray) -> np.ndarray:
-    """Smallest index of each node's connected component (min-label propagation + pointer jumping)."""
-    root = np.arange(n, dtype=np.int64)
-    if not len(edges):
-        return root
+def _components(root: np.ndarray, edges: np.ndarray) -> np.ndarray:
+    """Merge `edges` into the forest `root` (root[x] = smallest index of x's cluster; root[x] <= x).
+
+    Hooking roots onto the smaller root and pointer jumping: pointers only go to
+    smaller indices, so the result is the smallest index of each connected component.
+    """
+    root = root.copy()
     u, v = edges[:, 0], edges[:, 1]
     while True:
-        low = np.minimum(root[u], root[v])
-        before = root.copy()
-        np.minimum.at(root, root[u], low)
-        np.minimum.at(root, root[v], low)
-        np.minimum.at(root, u, low)
-        np.minimum.at(root, v, low)
-        while True:  # pointer jumping: every node points at its root's root
+        ru, rv = root[u], root[v]
+        differ = ru != rv
+        if not differ.any():
+            return root
+        ru, rv = ru[differ], rv[differ]
+        low = np.minimum(ru, rv)
+        np.minimum.at(root, ru, low)
+        np.minimum.at(root, rv, low)
+        while True:
             jumped = root[root]
             if np.array_equal(jumped, root):
                 break
             root = jumped
-        if np.array_equal(root, before):
-            return root
 
 
 @dataclass
 class NearDuplicates:
-    roots: np.ndarray  # per text: smallest index of its cluster
-    pairs: np.ndarray  # (m, 2) verified pairs i < j
+    roots: np.ndarray  # per text: the smallest index of its cluster
+    pairs: np.ndarray  # (m, 2) verified pairs i < j: a spanning forest of the clusters
     similarity: np.ndarray  # (m,) their exact Jaccard
-    candidates: int  # pairs verified exactly (after the prefilter)
+    verified: int  # pairs whose exact Jaccard was computed
 
 
 def find_near_duplicates(texts, **params) -> NearDuplicates:
@@ -409,12 +538,39 @@ def find_near_duplicates(texts, **params) -> NearDuplicates:
     n = len(arr)
     if n == 0:
         return NearDuplicates(np.zeros(0, np.int64), np.zeros((0, 2), np.int64), np.zeros(0), 0)
-    keys, sig8 = _signatures(arr, p)
-    cand = _candidates(keys, sig8, p)
-    sim = _exact_jaccard_pairs(arr, cand, p.shingle_size) if len(cand) else np.zeros(0)
-    ok = sim >= p.threshold - 1e-12
-    pairs, sim = cand[ok], sim[ok]
-    return NearDuplicates(_components(n, pairs), pairs, sim, int(len(cand)))
+    keys, sketch = _signatures(arr, p)
+    clusters = _Clusters(arr, sketch, p)
+    # Pass 1, band by band: each bucket's star pairs; the likely near duplicates (estimate at
+    # least the threshold) are verified at once, which builds the big clusters cheaply.
+    # Pass 2: the buckets' other pairs, held back (up to `max_pending`) until the stars have
+    # merged what they can, so most of them are skipped as already inside one cluster.
+    # Pass 3: the doubtful rest of both, all bands together, most similar first.
+    sure = p.agreement_at(p.threshold)
+    doubtful_pairs, doubtful_agree, pending = [], [], []
+
+    def sure_now(pairs: np.ndarray) -> None:
+        pairs, agree = clusters.candidates(pairs)
+        hi = agree >= sure
+        clusters.add(pairs[hi], agree[hi])
+        doubtful_pairs.append(pairs[~hi])
+        doubtful_agree.append(agree[~hi])
+
+    for star, others in _each_band(keys, p):
+        sure_now(star)
+        pending.append(others.astype(np.int32))
+        if sum(len(x) for x in pending) > p.max_pending:
+            sure_now(np.concatenate(pending).astype(np.int64))
+            pending = []
+    if pending:
+        sure_now(np.concatenate(pending).astype(np.int64))
+    del pending
+    pairs, agree = np.concatenate(doubtful_pairs), np.concatenate(doubtful_agree)
+    once = _first_of_each(np.minimum(pairs[:, 0], pairs[:, 1]), np.maximum(pairs[:, 0], pairs[:, 1]))
+    clusters.add(pairs[once], agree[once])  # a pair found by several bands is verified once
+    pairs = np.concatenate(clusters.edges) if clusters.edges else np.zeros((0, 2), np.int64)
+    sims = np.concatenate(clusters.sims) if clusters.sims else np.zeros(0)
+    pairs = np.sort(pairs, axis=1)
+    return NearDuplicates(clusters.root, pairs, sims, clusters.verified)
 
 
 def near_duplicate_clusters(texts, *, threshold: float = 0.8, shingle_size: int = 3, num_perm: int = 128,
@@ -432,15 +588,15 @@ def cross_group_near_duplicates(texts, groups: Sequence, *, threshold: float = 0
                                 **tuning) -> list[tuple[int, int, float]]:
     """Verified near-duplicate pairs (i, j, jaccard) whose members are in different groups.
 
-    Used by the split leakage check (groups = split names). A cluster spans two groups
-    exactly when one of its verified pairs does, so an empty list proves no cluster does.
-    Texts need not be distinct here: identical texts are a pair with Jaccard 1.
+    For the split leakage check (groups = split names). A cluster spans two groups exactly
+    when one of its verified pairs does, so an empty list proves that none does. Texts need
+    not be distinct here: identical texts are a pair with Jaccard 1.
     """
     if len(groups) != len(texts):
         raise ValueError(f"{len(texts)} texts but {len(groups)} groups")
     found = find_near_duplicates(texts, threshold=threshold, shingle_size=shingle_size, num_perm=num_perm,
                                  bands=bands, workers=workers, **tuning)
-    _, group_ids = np.unique(np.asarray(groups, dtype=object).astype(str), return_inverse=True)
+    _, group_ids = np.unique(np.asarray([str(g) for g in groups]), return_inverse=True)
     pairs, sim = found.pairs, found.similarity
-    cross = group_ids[pairs[:, 0]] != group_ids[pairs[:, 1]] if len(pairs) else np.zeros(0, bool)
+    cross = group_ids[pairs[:, 0]] != group_ids[pairs[:, 1]]
     return [(int(i), int(j), float(s)) for (i, j), s in zip(pairs[cross], sim[cross])]

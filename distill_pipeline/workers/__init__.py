@@ -1,0 +1,1 @@
+"""Process entry points (training worker); run with `python -m` or under `accelerate launch`."""
