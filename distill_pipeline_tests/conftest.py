@@ -15,6 +15,13 @@ from urllib.parse import urlsplit, urlunsplit
 import psycopg
 import pytest
 
+# Tests are hermetic: the caller's pipeline settings (`make` exports DISTILL_HOME, a user may have
+# DATABASE_URL or DISTILL__* set) must not leak into them; tests set what they need themselves.
+for _name in [n for n in os.environ if n.startswith("DISTILL") or n in ("DATABASE_URL", "DAGSTER_HOME",
+                                                                          "MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID")]:
+    if _name != "DISTILL_TEST_DATABASE_URL":
+        del os.environ[_name]
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
