@@ -37,6 +37,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from distill_pipeline.config import BaseModelConfig  # noqa: E402
 from distill_pipeline.demo.data import generate_rows  # noqa: E402
 from distill_pipeline.stages import formatting, student_model  # noqa: E402
+from distill_pipeline.stages.tasks import canonical_json  # noqa: E402
 from distill_pipeline.stages.student_trainer import make_trainer_class, supports_logits_to_keep  # noqa: E402
 
 
@@ -46,7 +47,7 @@ def demo_examples(tokenizer, n: int, seed: int = 11) -> list[formatting.Example]
         if row.kind not in ("event", "skip") or row.sentence in seen:
             continue
         seen.add(row.sentence)
-        target = json.dumps(row.answer, sort_keys=True, separators=(",", ":"))
+        target = canonical_json(row.answer)  # the form curation gives dataset_splits
         out.append(formatting.encode_example(tokenizer, row.sentence, target, row_id=str(i)))
         if len(out) == n:
             break

@@ -443,7 +443,7 @@ class TrainConfig(Section):
 
     base_model: BaseModelConfig = BaseModelConfig()
     lora: LoraSettings = LoraSettings()
-    # Shown to the student before the raw input in the user turn; None -> task.instruction.
+    # Shown to the student before the raw input in the user turn; None -> task.instruction, "" -> none.
     instruction: str | None = None
     # Longest example (prompt + answer, in tokens); longer examples are skipped and counted, never cut.
     max_seq_len: int = Field(1024, ge=16)

@@ -9,6 +9,7 @@ import pyarrow as pa
 from distill_pipeline.clients.postgres import Database
 from distill_pipeline.config import load_config
 from distill_pipeline.stages.curate import curate_table, text_key
+from distill_pipeline.stages.dedup import jaccard
 from distill_pipeline.stages.export import export_source_rows, read_source_rows
 
 T0 = datetime(2026, 3, 1, tzinfo=timezone.utc)
@@ -122,3 +123,18 @@ def test_rows_the_teacher_could_not_label_are_quarantined_with_its_error():
     assert reasons(result) == {"2": "teacher_failed", "3": "teacher_over_budget", "4": "input_null"}
     details = dict(zip(result.quarantine.column("id").to_pylist(), result.quarantine.column("detail").to_pylist()))
     assert details["2"] == "gave up after 6 attempts: HTTP 500"
+
+
+def test_a_chain_of_near_duplicates_drops_only_rows_close_to_the_keeper():
+    a = ("apex holdings completed the acquisition of birch logistics for four hundred million dollars "
+         "in cash and assumed debt of the seller")
+    b = a.replace("apex", "zeta")
+    c = b.replace("seller", "buyer")
+    d = c.replace("cash", "kind")
+    assert jaccard(a, d) < 0.8 <= min(jaccard(a, b), jaccard(b, c), jaccard(c, d), jaccard(a, c))
+    result = curate_table(table_of([(1, a, EVENT, 10), (2, b, EVENT, 9), (3, c, EVENT, 9), (4, d, EVENT, 9)]),
+                          load_config(env={}))
+    assert reasons(result) == {"2": "near_duplicate", "3": "near_duplicate"}
+    kept = {r["id"]: r for r in result.examples.to_pylist()}
+    assert set(kept) == {"1", "4"}  # d is no near duplicate of a, only of its chain neighbours
+    assert kept["1"]["cluster_key"] == kept["4"]["cluster_key"]  # one chain: one split, no leakage

@@ -195,3 +195,28 @@ def test_training_on_a_gpu_uses_bfloat16_base_and_float32_adapter(tmp_path, tiny
         assert base.dtype == torch.bfloat16
     assert lora.dtype == torch.float32 and lora.abs().max() > 0
     assert result.steps == 2 and student_model.check_adapter_keys(result.adapter_dir) == []
+
+
+def test_epoch_mode_evaluates_and_checkpoints_at_every_epoch_end(tmp_path, tiny_models):  # noqa: F811
+    splits = demo_splits(tmp_path / "splits", n_train=6, n_val=2)
+    cfg = config_for(tmp_path, tiny_models["llama"], epochs=2, micro_batch_size=1, max_seq_len=256)
+    result = train.train_student(cfg, splits, tmp_path / "out")
+    per_epoch = result.max_steps // 2
+    assert result.epochs == 2 and result.steps == result.max_steps
+    assert [step for step, _ in result.val_losses] == [per_epoch, 2 * per_epoch]
+    assert result.best_checkpoint.name in (f"checkpoint-{per_epoch}", f"checkpoint-{2 * per_epoch}")
+
+
+def test_train_settings_are_validated():
+    from pydantic import ValidationError
+
+    from distill_pipeline.config import TrainConfig
+
+    with pytest.raises(ValidationError, match="must be a multiple of train.eval_steps"):
+        TrainConfig(eval_steps=4, save_steps=6)
+    with pytest.raises(ValidationError, match="needs train.eval_steps"):
+        TrainConfig(save_steps=6)
+    with pytest.raises(ValidationError, match="embedding/output layers are not LoRA targets"):
+        TrainConfig(lora={"target_modules": ["q_proj", "lm_head"]})
+    with pytest.raises(ValidationError, match="extra"):
+        TrainConfig(lora_rank=8)

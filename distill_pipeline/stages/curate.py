@@ -5,12 +5,15 @@ Order of work, each step only on the rows that survived the previous one:
   2. teacher output parsed and validated for the task kind; output length; confidence
   3. exact duplicates: same normalized input (lowercase, whitespace collapsed)
   4. near duplicates: MinHash LSH over character shingles, verified at Jaccard >= threshold
-In each duplicate cluster the highest-confidence member is kept (ties: the earliest).
-Every dropped row goes to the quarantine table with a reason code and a detail;
-skip examples ({"skip": true}) are ordinary examples and are kept.
+In each duplicate cluster the highest-confidence member is kept (ties: the earliest);
+a near duplicate is dropped only when it is itself within the threshold of the row
+kept in its place (chains a~b~c do not drop c for a). Every dropped row goes to the
+quarantine table with a reason code and a detail; skip examples ({"skip": true})
+are ordinary examples and are kept.
 
-The cluster key (used for sticky splits) is a hash of the normalized input of the
-cluster's earliest row, so it does not change when later duplicates arrive.
+The cluster key (used for sticky, leakage-free splits) is a hash of the normalized
+input of the earliest row of the whole chain cluster (near duplicates of near
+duplicates), so it does not change when later duplicates arrive.
 """
 
 from __future__ import annotations
@@ -115,8 +118,13 @@ def _input_reasons(inputs: pa.Array, decode_errors: list, cfg: CurateConfig,
     stripped = pc.utf8_length(pc.utf8_trim_whitespace(inputs)).to_numpy(zero_copy_only=False)
     nulls = inputs.is_null().to_numpy(zero_copy_only=False)
     if cfg.min_latin_letter_ratio is not None:
-        letters = pc.count_substring_regex(inputs, r"\p{L}").to_numpy(zero_copy_only=False)
-        latin = pc.count_substring_regex(inputs, r"\p{Latin}").to_numpy(zero_copy_only=False)
+        # ASCII letters are Latin: count scripts (slow regexes) only where non-ASCII text appears.
+        letters, latin = np.zeros(n), np.zeros(n)
+        non_ascii = np.flatnonzero(~pc.fill_null(pc.string_is_ascii(inputs), True).to_numpy(zero_copy_only=False))
+        if non_ascii.size:
+            subset = inputs.take(pa.array(non_ascii))
+            letters[non_ascii] = pc.count_substring_regex(subset, r"\p{L}").to_numpy(zero_copy_only=False)
+            latin[non_ascii] = pc.count_substring_regex(subset, r"\p{Latin}").to_numpy(zero_copy_only=False)
     for i in range(n):
         if reasons[i] is not None:
             continue
@@ -153,6 +161,7 @@ def curate_table(table: pa.Table, cfg: PipelineConfig) -> CurateResult:
 
     reasons = _input_reasons(inputs, decode_errors, c, _label_reasons(table))
     targets: list[str | None] = [None] * n
+    parsed_short: dict[str, object] = {}
     labels: list[str | None] = [None] * n
     for i in range(n):
         if reasons[i] is not None:
@@ -161,7 +170,11 @@ def curate_table(table: pa.Table, cfg: PipelineConfig) -> CurateResult:
         if out is not None and len(out) > c.max_output_chars:
             reasons[i] = ("output_too_long", f"{len(out)} chars > curate.max_output_chars={c.max_output_chars}")
             continue
-        parsed = parse_output(cfg.task, out)
+        parsed = parsed_short.get(out) if out is not None and len(out) <= 64 else None
+        if parsed is None:
+            parsed = parse_output(cfg.task, out)
+            if out is not None and len(out) <= 64:  # short answers ({"skip": true}, labels) repeat a lot
+                parsed_short[out] = parsed
         if not parsed.ok:
             reasons[i] = ("output_invalid", parsed.error)
             continue
@@ -191,30 +204,38 @@ def curate_table(table: pa.Table, cfg: PipelineConfig) -> CurateResult:
         groups[g].append(int(row))
     group_texts = list(group_of_text)
 
-    # 4. near duplicates, between the exact groups' texts
-    roots = dedup.near_duplicate_clusters(
-        pa.array(group_texts, pa.string()), threshold=c.near_duplicate_threshold, shingle_size=c.shingle_size,
-        num_perm=c.num_perm, bands=c.lsh_bands, workers=c.workers,
-    ) if group_texts else np.zeros(0, dtype=np.int64)
-    clusters: dict[int, list[int]] = {}
-    for g, root in enumerate(roots):
-        clusters.setdefault(int(root), []).append(g)
+    # 4. near duplicates, between the exact groups' texts (in best-first order). Two clusterings:
+    # chains (a~b~c, transitively) are the unit of splitting, so nothing similar straddles splits;
+    # keeper clusters decide what is dropped: every dropped row is itself a verified near
+    # duplicate (Jaccard >= threshold) of the row kept in its place, never just a chain neighbour.
+    found = dedup.find_near_duplicates(
+        pa.array(group_texts, pa.string()), keepers=True, threshold=c.near_duplicate_threshold,
+        shingle_size=c.shingle_size, num_perm=c.num_perm, bands=c.lsh_bands, workers=c.workers,
+    ) if group_texts else None
+    chain = found.roots if found else np.zeros(0, np.int64)
+    keeper_of = found.keepers if found else np.zeros(0, np.int64)
+    group_earliest = [min((created[r], ids[r]) for r in rows) for rows in groups]
+    chain_earliest: dict[int, int] = {}
+    for g, root in enumerate(chain):
+        best = chain_earliest.setdefault(int(root), g)
+        if group_earliest[g] < group_earliest[best]:
+            chain_earliest[int(root)] = g
+    kept_clusters: dict[int, list[int]] = {}
+    for g, k in enumerate(keeper_of):
+        kept_clusters.setdefault(int(k), []).append(g)
 
     keep_rows, keep_keys, keep_dups = [], [], []
-    for members in clusters.values():
-        # groups were created in best-first order, so the first group holds the cluster's best row
-        best_group = min(members)
-        keeper = groups[best_group][0]
-        earliest_group = min(members, key=lambda g: min((created[r], ids[r]) for r in groups[g]))
+    for k, members in kept_clusters.items():
+        keeper = groups[k][0]  # k is its cluster's smallest index: the best group, best row first
         keep_rows.append(keeper)
-        keep_keys.append(text_key(group_texts[earliest_group]))
+        # the chain's earliest row names the cluster: later arrivals do not rename it
+        keep_keys.append(text_key(group_texts[chain_earliest[int(chain[k])]]))
         keep_dups.append(sum(len(groups[g]) for g in members) - 1)
         for g in members:
             for row in groups[g]:
-                if row == keeper:
-                    continue
-                code = "exact_duplicate" if g == best_group else "near_duplicate"
-                reasons[row] = (code, f"duplicate of id {ids[keeper]}")
+                if row != keeper:
+                    code = "exact_duplicate" if g == k else "near_duplicate"
+                    reasons[row] = (code, f"duplicate of id {ids[keeper]}")
 
     keep_order = np.argsort(np.array(keep_rows, dtype=np.int64), kind="stable")
     keep_idx = np.array(keep_rows, dtype=np.int64)[keep_order]

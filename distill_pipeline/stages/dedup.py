@@ -4,7 +4,9 @@ Texts arrive already normalized and distinct (curation removes exact duplicates
 first). Two texts are near duplicates when the Jaccard similarity of their sets of
 character n-grams ("shingles"; a text shorter than n is one shingle) is at least the
 threshold. Clusters are the connected components of the verified pairs: a chain
-a~b~c puts a and c together even when J(a, c) is below the threshold.
+a~b~c puts a and c together even when J(a, c) is below the threshold. Optionally
+(`keepers=True`, `linkage="keeper"`) each chain cluster is also split so that every
+member is a verified near duplicate of its keeper.
 
 Everything is numpy over the Arrow string buffers, never a Python loop per text:
   1. Signatures, chunk by chunk on `workers` threads (numpy releases the GIL):
@@ -12,19 +14,22 @@ Everything is numpy over the Arrow string buffers, never a Python loop per text:
      one-permutation MinHash sketches of `num_perm` bins (the hash picks the bin and a
      value; each bin keeps its minimum), empty bins filled by rotation densification.
      Kept per text: `bands` 64-bit band keys (from the first sketch) and 4 bits of each
-     slot of both sketches (b-bit MinHash), 128 + 128 bytes at the defaults.
+     slot of both sketches (b-bit MinHash): 128 + 128 bytes at the defaults. Shingle
+     lists are never kept.
   2. Candidates: texts sharing a band key. Each bucket gives its members paired with
      its first member ("star"); small buckets also give all their other pairs, a huge
      bucket (templated boilerplate) only each member's neighbours in an order by the
      following bands' keys, so the work stays linear in the bucket size.
-  3. Union as we go: a candidate whose texts are already in one cluster is skipped;
-     the rest are estimated from the 4-bit sketches, those far below the threshold
-     (more than `prefilter_sigmas` standard deviations of the estimate) are dropped,
-     and the others are verified most-similar-first, a few per pair of clusters per
-     round, so a success makes the other pairs between those clusters redundant.
+  3. Union as we go: a candidate whose texts are already in one cluster is skipped; the
+     others are estimated from the 4-bit sketches, those far below the threshold (more
+     than `prefilter_sigmas` standard deviations of the estimate) are dropped, and the
+     rest are verified most similar first, one pair per pair of clusters at a time, so a
+     success makes the other pairs between those clusters redundant. Which pairs get
+     verified depends on the order; the clusters do not (a skipped pair already lies
+     inside one cluster).
   4. Verification: exact Jaccard of the shingle sets, recomputed for just the texts of
-     a batch of pairs (exact code-point packing, a per-batch vocabulary, set
-     intersection as a boolean matrix).
+     a batch of pairs (shingles packed exactly from the batch's alphabet, numbered by a
+     lookup table, sets as bitsets: |A & B| is a popcount).
   5. Clusters: connected components of the verified pairs; each text maps to the
      smallest index of its cluster.
 """
@@ -46,11 +51,9 @@ _EMPTY = np.uint32(0xFFFFFFFF)
 _POLY = _U64(0x9E3779B97F4A7C15)
 _M1 = _U64(0xFF51AFD7ED558CCD)
 _M2 = _U64(0xC4CEB9FE1A85EC53)
-_SHORT_TAG = _U64(0xD6E8FEB86659FD93)
+_SEED = _U64(0xD6E8FEB86659FD93)
 _ROT = _U64(0xA0761D6478BD642F)
 _BAND_MULT = np.random.default_rng(20261123).integers(1, 1 << 63, 4096, dtype=np.uint64) | _U64(1)
-# Matching 4-bit halves of x = a ^ b (two sketches packed in one byte per slot).
-_NIBBLE_MATCHES = np.array([(x >> 4 == 0) + (x & 15 == 0) for x in range(256)], np.uint8)
 _SKETCHES, _SKETCH_BITS = 2, 4
 
 
@@ -64,7 +67,7 @@ class Params:
     # Texts per signature chunk (small enough that a chunk's arrays stay in cache).
     chunk_docs: int = 4096
     # A bucket up to this size gives all its pairs; a larger one stars and neighbours only.
-    max_bucket_pairs: int = 16
+    max_bucket_pairs: int = 64
     # In a huge bucket, each member is paired with this many neighbours.
     bucket_window: int = 3
     # Drop candidates whose estimated Jaccard is this many standard deviations below the
@@ -84,8 +87,8 @@ class Params:
             raise ValueError(f"num_perm={self.num_perm} must be between 1 and 4096")
         if self.bands < 1 or self.num_perm % self.bands:
             raise ValueError(f"bands={self.bands} must divide num_perm={self.num_perm}")
-        if self.workers < 1 or self.chunk_docs < 1 or self.verify_batch < 1:
-            raise ValueError("workers, chunk_docs and verify_batch must be at least 1")
+        if min(self.workers, self.chunk_docs, self.verify_batch, self.max_pending) < 1:
+            raise ValueError("workers, chunk_docs, verify_batch and max_pending must be at least 1")
 
     def agreement_at(self, similarity: float, sigmas: float = 0.0) -> int:
         """Matching 4-bit slots (of 2 * num_perm) expected at `similarity`, less `sigmas` deviations."""
@@ -161,40 +164,43 @@ def _texts_codepoints(arr: pa.Array, start: int, stop: int) -> tuple[np.ndarray,
     return _codepoints(data[boff[0]: boff[-1]], boff - boff[0])
 
 
-def _windows(coff: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Shingles per text (at least 1), the start char of each shingle, and which texts are short."""
-    lengths = np.diff(coff)
-    short = lengths < k
-    counts = np.where(short, 1, lengths - k + 1)
-    first = np.cumsum(counts) - counts
-    starts = np.arange(int(counts.sum()), dtype=np.int64) + np.repeat(coff[:-1] - first, counts)
-    return counts, starts, short
-
-
 def _combine(v: np.ndarray, coff: np.ndarray, k: int, step) -> tuple[np.ndarray, np.ndarray]:
     """One value per shingle folded from its k chars by `step(acc, char)`, and shingles per text.
 
-    A short text's shingle is folded from its own chars, then `step(acc, 0)` for each
-    missing one (chars are >= 1, so it differs from every full shingle).
+    Shingles come out grouped by text, in order. A short text's one shingle is folded from
+    its own chars, then `step(acc, 0)` for each missing one (chars are >= 1, so it differs
+    from every full shingle).
     """
-    counts, starts, short = _windows(coff, k)
+    lengths = np.diff(coff)
+    short = lengths < k
+    counts = np.where(short, 1, lengths - k + 1)
     n_chars = v.size
-    if n_chars >= k:
-        rolled = v[: n_chars - k + 1].copy()
-        for j in range(1, k):
-            rolled = step(rolled, v[j: n_chars - k + 1 + j])
-        out = rolled[np.minimum(starts, n_chars - k)]
-    else:
-        out = np.zeros(starts.size, v.dtype)
-    if short.any():
-        idx = np.flatnonzero(short)
-        lengths = np.diff(coff)[idx]
-        acc = np.zeros(idx.size, v.dtype)
-        for j in range(k):
-            char = np.where(lengths > j, v[np.minimum(coff[idx] + j, max(n_chars - 1, 0))], 0) \
-                if n_chars else np.zeros(idx.size, v.dtype)
-            acc = step(acc, char.astype(v.dtype)) if j else char.astype(v.dtype)
-        out[np.cumsum(counts)[idx] - 1] = acc
+    padded = np.concatenate((v, np.zeros(k - 1, v.dtype)))
+    rolled = padded[:n_chars].copy()
+    for j in range(1, k):
+        rolled = step(rolled, padded[j: n_chars + j])
+    # the window at a position is a shingle when it ends inside its own (long enough) text
+    valid = np.ones(n_chars, bool)
+    for j in range(1, k):
+        valid[coff[1:][~short] - j] = False
+    if not short.any():
+        return rolled[valid], counts
+    idx = np.flatnonzero(short)
+    for j in range(k - 1):
+        has = lengths[idx] > j
+        valid[coff[idx[has]] + j] = False
+    acc = None
+    for j in range(k):
+        char = np.zeros(idx.size, v.dtype)
+        has = lengths[idx] > j
+        char[has] = v[coff[idx[has]] + j]
+        acc = char if acc is None else step(acc, char)
+    out = np.empty(int(counts.sum()), v.dtype)
+    slot_of_short = np.cumsum(counts)[idx] - 1
+    is_short = np.zeros(out.size, bool)
+    is_short[slot_of_short] = True
+    out[~is_short] = rolled[valid]
+    out[slot_of_short] = acc
     return out, counts
 
 
@@ -221,7 +227,7 @@ def _signature_chunk(arr: pa.Array, start: int, stop: int, p: Params) -> tuple[n
     n, K = stop - start, p.num_perm
     cp, coff = _texts_codepoints(arr, start, stop)
     h, counts = _combine(cp.astype(np.uint64) + _U64(1), coff, p.shingle_size, _poly_step)
-    h = _mix(h ^ _SHORT_TAG)
+    h = _mix(h ^ _SEED)
     index = np.int32 if n * _SKETCHES * K < 2 ** 31 else np.int64
     base = np.repeat(np.arange(0, n * _SKETCHES * K, _SKETCHES * K, dtype=index), counts)
     sig = np.full(n * _SKETCHES * K, _EMPTY, np.uint32)
@@ -375,25 +381,23 @@ class _Clusters:
         return pairs[keep], agree[keep]
 
     def add(self, pairs: np.ndarray, agree: np.ndarray) -> None:
-        """Verify `pairs`, most similar first, and merge the clusters of those that pass."""
+        """Verify `pairs`, most similar first, a window at a time; merge the clusters of those that pass.
+
+        Before each window, pairs whose texts are by now in one cluster are dropped; inside a
+        window only the first pair between two clusters is verified, the others wait for the
+        next window (redundant if that one passed).
+        """
         pairs = pairs[np.argsort(-agree, kind="stable")]
-        cap = 1
+        window = self.p.verify_batch * self.p.workers * 4
         while len(pairs):
-            ra, rb = self.root[pairs[:, 0]], self.root[pairs[:, 1]]
-            still = ra != rb
-            pairs, ra, rb = pairs[still], ra[still], rb[still]
+            pairs = pairs[self.root[pairs[:, 0]] != self.root[pairs[:, 1]]]
             if not len(pairs):
                 break
-            # at most `cap` pairs per pair of clusters this round, doubling each round: a failed
-            # pair does not hold the others back, a success makes them redundant
-            code = (np.minimum(ra, rb).astype(np.uint64) << _U64(32)) | np.maximum(ra, rb).astype(np.uint64)
-            order = np.argsort(code, kind="stable")
-            sc = code[order]
-            begin = np.flatnonzero(np.concatenate(([True], sc[1:] != sc[:-1])))
-            rank = np.arange(len(sc)) - np.repeat(begin, np.diff(np.append(begin, len(sc))))
-            chosen = np.zeros(len(pairs), bool)
-            chosen[order[rank < cap]] = True
-            batch = pairs[chosen]
+            head = pairs[:window]
+            ra, rb = self.root[head[:, 0]], self.root[head[:, 1]]
+            chosen = np.zeros(len(head), bool)
+            chosen[_first_of_each(np.minimum(ra, rb), np.maximum(ra, rb))] = True
+            batch = head[chosen]
             sim = exact_jaccard_pairs(self.arr, batch, self.p.shingle_size, workers=self.p.workers,
                                       batch_pairs=self.p.verify_batch)
             self.verified += len(batch)
@@ -402,8 +406,7 @@ class _Clusters:
                 self.edges.append(batch[ok])
                 self.sims.append(sim[ok])
                 self.root = _components(self.root, batch[ok])
-            pairs = pairs[~chosen]
-            cap *= 2
+            pairs = np.concatenate((head[~chosen], pairs[window:]))
 
 
 # ---------------------------------------------------------------- exact verification
@@ -525,19 +528,24 @@ def _components(root: np.ndarray, edges: np.ndarray) -> np.ndarray:
 
 @dataclass
 class NearDuplicates:
-    roots: np.ndarray  # per text: the smallest index of its cluster
+    roots: np.ndarray  # per text: the smallest index of its (chain) cluster
     pairs: np.ndarray  # (m, 2) verified pairs i < j: a spanning forest of the clusters
     similarity: np.ndarray  # (m,) their exact Jaccard
     verified: int  # pairs whose exact Jaccard was computed
+    keepers: np.ndarray | None = None  # with keepers=True: per text, its keeper (see _keeper_split)
 
 
-def find_near_duplicates(texts, **params) -> NearDuplicates:
-    """The whole detector; `near_duplicate_clusters` and `cross_group_near_duplicates` wrap it."""
+def find_near_duplicates(texts, *, keepers: bool = False, **params) -> NearDuplicates:
+    """The whole detector; `near_duplicate_clusters` and `cross_group_near_duplicates` wrap it.
+
+    keepers=True also gives each text's keeper: see `_keeper_split`.
+    """
     p = Params(**params)
     arr = _as_string_array(texts)
     n = len(arr)
     if n == 0:
-        return NearDuplicates(np.zeros(0, np.int64), np.zeros((0, 2), np.int64), np.zeros(0), 0)
+        empty = np.zeros(0, np.int64)
+        return NearDuplicates(empty, np.zeros((0, 2), np.int64), np.zeros(0), 0, empty if keepers else None)
     keys, sketch = _signatures(arr, p)
     clusters = _Clusters(arr, sketch, p)
     # Pass 1, band by band: each bucket's star pairs; the likely near duplicates (estimate at
@@ -545,7 +553,7 @@ def find_near_duplicates(texts, **params) -> NearDuplicates:
     # Pass 2: the buckets' other pairs, held back (up to `max_pending`) until the stars have
     # merged what they can, so most of them are skipped as already inside one cluster.
     # Pass 3: the doubtful rest of both, all bands together, most similar first.
-    sure = p.agreement_at(p.threshold)
+    sure = p.agreement_at(p.threshold, -1.0)  # a standard deviation above: very likely near duplicates
     doubtful_pairs, doubtful_agree, pending = [], [], []
 
     def sure_now(pairs: np.ndarray) -> None:
@@ -570,17 +578,58 @@ def find_near_duplicates(texts, **params) -> NearDuplicates:
     pairs = np.concatenate(clusters.edges) if clusters.edges else np.zeros((0, 2), np.int64)
     sims = np.concatenate(clusters.sims) if clusters.sims else np.zeros(0)
     pairs = np.sort(pairs, axis=1)
-    return NearDuplicates(clusters.root, pairs, sims, clusters.verified)
+    keeper = _keeper_split(clusters, pairs) if keepers else None
+    return NearDuplicates(clusters.root, pairs, sims, clusters.verified, keeper)
+
+
+def _keeper_split(clusters: _Clusters, forest: np.ndarray) -> np.ndarray:
+    """Per text, a keeper: an index <= its own, every text at Jaccard >= threshold with its keeper.
+
+    Chains make big clusters out of templated text (a~b~c~...: the ends can be far apart).
+    Here each chain cluster is split so that every member is a verified near duplicate of
+    its keeper, the cluster's smallest index (the lead orders texts best first): members that
+    fail against it are re-clustered among themselves (along the forest's edges between
+    them) and each part gets its own keeper, until every member passes. The split clusters
+    stay inside their chain cluster, which remains the unit for leakage-free splits.
+    Verification is skipped where the sketches already say "far below the threshold".
+    """
+    p, n = clusters.p, len(clusters.root)
+    keeper = clusters.root.copy()
+    active = np.flatnonzero(keeper != np.arange(n))
+    while active.size:
+        pairs = np.stack((keeper[active], active), axis=1)
+        passed = np.zeros(active.size, bool)
+        maybe = np.flatnonzero(clusters.agreement(pairs) >= clusters.need)
+        if maybe.size:
+            sim = exact_jaccard_pairs(clusters.arr, pairs[maybe], p.shingle_size, workers=p.workers,
+                                      batch_pairs=p.verify_batch)
+            clusters.verified += maybe.size
+            passed[maybe] = sim >= p.threshold - 1e-12
+        failed = active[~passed]
+        if not failed.size:
+            break
+        inside = np.zeros(n, bool)
+        inside[failed] = True
+        edges = forest[inside[forest[:, 0]] & inside[forest[:, 1]]]
+        parts = _components(np.arange(n, dtype=np.int64), edges) if len(edges) else np.arange(n)
+        keeper[failed] = parts[failed]
+        active = failed[parts[failed] != failed]
+    return keeper
 
 
 def near_duplicate_clusters(texts, *, threshold: float = 0.8, shingle_size: int = 3, num_perm: int = 128,
-                            bands: int = 16, workers: int = 2, **tuning) -> np.ndarray:
+                            bands: int = 16, workers: int = 2, linkage: str = "chain", **tuning) -> np.ndarray:
     """For each text, the index of its near-duplicate cluster's root (the cluster's smallest index).
 
     `texts`: a pyarrow string array or a list of str, normalized, no nulls.
+    linkage="chain": clusters are connected by chains of verified pairs.
+    linkage="keeper": every text is a verified near duplicate of its root (see `_keeper_split`).
     """
-    return find_near_duplicates(texts, threshold=threshold, shingle_size=shingle_size, num_perm=num_perm,
-                                bands=bands, workers=workers, **tuning).roots
+    if linkage not in ("chain", "keeper"):
+        raise ValueError(f"linkage={linkage!r}: expected 'chain' or 'keeper'")
+    found = find_near_duplicates(texts, threshold=threshold, shingle_size=shingle_size, num_perm=num_perm,
+                                 bands=bands, workers=workers, keepers=linkage == "keeper", **tuning)
+    return found.roots if linkage == "chain" else found.keepers
 
 
 def cross_group_near_duplicates(texts, groups: Sequence, *, threshold: float = 0.8, shingle_size: int = 3,

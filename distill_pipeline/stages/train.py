@@ -58,7 +58,7 @@ class TrainResult:
     val_examples: int  # validation rows the loss is computed on (after train.eval_max_rows)
     skipped: dict[str, int]  # reason -> rows not used (train and val)
     train_tokens: int  # real (non-pad) tokens trained on in this run, all ranks
-    tokens_per_s: float  # train_tokens / training seconds of this run
+    tokens_per_s: float  # train_tokens / seconds of the training loop (its evaluations and checkpoints included)
     seconds: float  # wall time of train_student
     world_size: int
     base_model: str  # the plain model directory or hub id the adapter applies to
