@@ -13,9 +13,10 @@ much on the count).
 Recall: the demo's planted near duplicates are rows edited from an earlier sentence
 (`source_sentence`); a planted pair counts when the exact Jaccard of the normalized
 texts is >= 0.8, and is recalled when both texts end in one cluster. End to end, a
-row's cluster is its own id when kept, or the keeper named in its duplicate
-quarantine detail; pairs with a row quarantined for another reason (invalid output,
-low confidence, ...) have no cluster and are left out (counted).
+row's cluster is its `cluster_key` (the near-duplicate chain it belongs to, kept
+or dropped as a duplicate: the unit that splits never divide); pairs with a row
+quarantined for another reason (invalid output, low confidence, ...) have no
+cluster and are left out (counted).
 
 Last line: one JSON object.
 """
@@ -25,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
 import time
 from collections import defaultdict
@@ -44,7 +44,6 @@ from distill_pipeline.demo.data import generate_rows  # noqa: E402
 from distill_pipeline.stages import dedup  # noqa: E402
 from distill_pipeline.stages.curate import curate_table, normalize  # noqa: E402
 
-DUPLICATE_OF = re.compile(r"duplicate of id (\S+)$")
 
 
 def demo_table(n: int, seed: int) -> tuple[pa.Table, list[tuple[int, str]]]:
@@ -104,15 +103,14 @@ def end_to_end(table: pa.Table, truth, cfg) -> dict:
     started = time.perf_counter()
     result = curate_table(table, cfg)
     seconds = time.perf_counter() - started
-    cluster = {i: i for i in result.examples.column("id").to_pylist()}
+    cluster = dict(zip(result.examples.column("id").to_pylist(), result.examples.column("cluster_key").to_pylist()))
     q = result.quarantine
-    for rid, reason, detail in zip(q.column("id").to_pylist(), q.column("reason").to_pylist(),
-                                   q.column("detail").to_pylist()):
+    for rid, reason, key in zip(q.column("id").to_pylist(), q.column("reason").to_pylist(),
+                                q.column("cluster_key").to_pylist()):
         if reason in ("exact_duplicate", "near_duplicate"):
-            m = DUPLICATE_OF.search(detail or "")
-            if not m:
-                raise SystemExit(f"row {rid}: duplicate detail {detail!r} does not name its keeper")
-            cluster[rid] = m.group(1)
+            if key is None:
+                raise SystemExit(f"row {rid}: a duplicate without its cluster key")
+            cluster[rid] = key
     # a source text may be on several rows (exact duplicates): any clustered one stands for it
     inputs = norm([t or "" for t in table.column("input").to_pylist()])
     ids = [str(v) for v in table.column("id").to_pylist()]

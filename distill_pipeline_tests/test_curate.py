@@ -138,3 +138,12 @@ def test_a_chain_of_near_duplicates_drops_only_rows_close_to_the_keeper():
     kept = {r["id"]: r for r in result.examples.to_pylist()}
     assert set(kept) == {"1", "4"}  # d is no near duplicate of a, only of its chain neighbours
     assert kept["1"]["cluster_key"] == kept["4"]["cluster_key"]  # one chain: one split, no leakage
+
+
+def test_dropped_duplicates_carry_their_cluster_key():
+    rows = [(1, LONG_SENTENCE, EVENT, 10), (2, LONG_SENTENCE + "  ", EVENT, 9),
+            (3, LONG_SENTENCE.replace("1500", "1600"), EVENT, 9), (4, None, SKIP, 9)]
+    result = curate_table(table_of(rows), load_config(env={}))
+    keys = dict(zip(result.quarantine.column("id").to_pylist(), result.quarantine.column("cluster_key").to_pylist()))
+    kept_key = result.examples.column("cluster_key").to_pylist()[0]
+    assert keys == {"2": kept_key, "3": kept_key, "4": None}

@@ -46,6 +46,7 @@ QUARANTINE_SCHEMA = pa.schema([
     ("confidence", pa.float64()),
     ("reason", pa.string()),
     ("detail", pa.string()),
+    ("cluster_key", pa.string()),  # duplicates only: the (chain) cluster they belong to
 ])
 
 
@@ -225,17 +226,20 @@ def curate_table(table: pa.Table, cfg: PipelineConfig) -> CurateResult:
         kept_clusters.setdefault(int(k), []).append(g)
 
     keep_rows, keep_keys, keep_dups = [], [], []
+    dropped_key: dict[int, str] = {}  # duplicates remember their cluster too (audits, leakage)
     for k, members in kept_clusters.items():
         keeper = groups[k][0]  # k is its cluster's smallest index: the best group, best row first
         keep_rows.append(keeper)
         # the chain's earliest row names the cluster: later arrivals do not rename it
-        keep_keys.append(text_key(group_texts[chain_earliest[int(chain[k])]]))
+        key = text_key(group_texts[chain_earliest[int(chain[k])]])
+        keep_keys.append(key)
         keep_dups.append(sum(len(groups[g]) for g in members) - 1)
         for g in members:
             for row in groups[g]:
                 if row != keeper:
                     code = "exact_duplicate" if g == k else "near_duplicate"
                     reasons[row] = (code, f"duplicate of id {ids[keeper]}")
+                    dropped_key[row] = key
 
     keep_order = np.argsort(np.array(keep_rows, dtype=np.int64), kind="stable")
     keep_idx = np.array(keep_rows, dtype=np.int64)[keep_order]
@@ -259,6 +263,7 @@ def curate_table(table: pa.Table, cfg: PipelineConfig) -> CurateResult:
         "confidence": pa.array(confidence[dropped] if dropped else [], pa.float64(), from_pandas=True),
         "reason": pa.array([reasons[i][0] for i in dropped], pa.string()),
         "detail": pa.array([reasons[i][1] for i in dropped], pa.string()),
+        "cluster_key": pa.array([dropped_key.get(i) for i in dropped], pa.string()),
     }, schema=QUARANTINE_SCHEMA)
 
     counts = Counter(r[0] for r in reasons if r is not None)
