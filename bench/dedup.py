@@ -29,7 +29,6 @@ import os
 import sys
 import time
 from collections import defaultdict
-from datetime import timezone
 from pathlib import Path
 
 import numpy as np
@@ -40,7 +39,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from distill_pipeline.config import load_config  # noqa: E402
-from distill_pipeline.demo.data import generate_rows  # noqa: E402
+from distill_pipeline.demo.data import generate_rows, source_table  # noqa: E402
 from distill_pipeline.stages import dedup  # noqa: E402
 from distill_pipeline.stages.curate import curate_table, normalize  # noqa: E402
 
@@ -48,26 +47,10 @@ from distill_pipeline.stages.curate import curate_table, normalize  # noqa: E402
 
 def demo_table(n: int, seed: int) -> tuple[pa.Table, list[tuple[int, str]]]:
     """source_rows-shaped table of n demo rows, and (row, source sentence) of each planted near duplicate."""
-    cols = defaultdict(list)
-    planted = []
-    for i, row in enumerate(generate_rows(n, seed)):
-        cols["id"].append(i)
-        cols["input"].append(row.sentence)
-        cols["output"].append(row.teacher_output)
-        cols["confidence"].append(row.confidence)
-        cols["prompt_version"].append(row.prompt_version)
-        cols["created_at"].append(row.created_at.astimezone(timezone.utc))
-        if row.source_sentence is not None and row.sentence != row.source_sentence:
-            planted.append((i, row.source_sentence))
-    table = pa.table({
-        "id": pa.array(cols["id"], pa.int64()),
-        "input": pa.array(cols["input"], pa.string()),
-        "output": pa.array(cols["output"], pa.string()),
-        "confidence": pa.array(cols["confidence"], pa.float64()),
-        "prompt_version": pa.array(cols["prompt_version"], pa.string()),
-        "created_at": pa.array(cols["created_at"], pa.timestamp("us", tz="UTC")),
-    })
-    return table, planted
+    rows = list(generate_rows(n, seed))
+    planted = [(i, row.source_sentence) for i, row in enumerate(rows)
+               if row.source_sentence is not None and row.sentence != row.source_sentence]
+    return source_table(rows, first_id=0), planted
 
 
 def norm(texts: list[str]) -> list[str]:

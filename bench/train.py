@@ -35,23 +35,16 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from distill_pipeline.config import BaseModelConfig  # noqa: E402
-from distill_pipeline.demo.data import generate_rows  # noqa: E402
+from distill_pipeline.demo.data import clean_examples  # noqa: E402
 from distill_pipeline.stages import formatting, student_model  # noqa: E402
 from distill_pipeline.stages.tasks import canonical_json  # noqa: E402
 from distill_pipeline.stages.student_trainer import make_trainer_class, supports_logits_to_keep  # noqa: E402
 
 
 def demo_examples(tokenizer, n: int, seed: int = 11) -> list[formatting.Example]:
-    out, seen = [], set()
-    for i, row in enumerate(generate_rows(n * 4, seed=seed)):
-        if row.kind not in ("event", "skip") or row.sentence in seen:
-            continue
-        seen.add(row.sentence)
-        target = canonical_json(row.answer)  # the form curation gives dataset_splits
-        out.append(formatting.encode_example(tokenizer, row.sentence, target, row_id=str(i)))
-        if len(out) == n:
-            break
-    return out
+    # canonical_json(answer) is the form curation gives dataset_splits
+    return [formatting.encode_example(tokenizer, row.sentence, canonical_json(row.answer), row_id=str(i))
+            for i, row in clean_examples(n, seed=seed)]
 
 
 def lora_model(location: str):

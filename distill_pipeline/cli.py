@@ -150,7 +150,7 @@ def cmd_split(args, cfg: PipelineConfig) -> None:
 
     examples = pq.read_table(cfg.stage_dir("curated_examples", args.prompt_version) / EXAMPLES)
     manifest = write_splits(examples, cfg.split, cfg.stage_dir("dataset_splits", args.prompt_version),
-                            args.prompt_version)
+                            args.prompt_version, curate=cfg.curate)
     print(json.dumps(manifest, indent=2))
 
 

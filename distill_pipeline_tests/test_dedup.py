@@ -1,4 +1,4 @@
-"""Near-duplicate engine: exact Jaccard, clusters, huge buckets, cross-group pairs, input handling."""
+"""Near-duplicate engine: exact Jaccard, clusters, huge buckets, input handling."""
 
 import random
 
@@ -10,7 +10,6 @@ from distill_pipeline.demo.data import generate_rows
 from distill_pipeline.stages import dedup
 from distill_pipeline.stages.curate import normalize
 from distill_pipeline.stages.dedup import (
-    cross_group_near_duplicates,
     exact_jaccard_pairs,
     find_near_duplicates,
     jaccard,
@@ -190,22 +189,6 @@ def test_recall_on_demo_planted_near_duplicates():
     roots = near_duplicate_clusters(pa.array(texts, pa.large_string()))
     recall = np.mean([roots[i] == roots[j] for i, j in pairs])
     assert recall >= 0.97
-
-
-def test_cross_group_detector_finds_a_planted_pair_across_splits():
-    texts = norm([BASE, OTHER, "an unrelated sentence about quarterly dividends.", BASE.replace("250", "260"),
-                  OTHER])
-    groups = ["train", "train", "val", "test", "test"]
-    found = cross_group_near_duplicates(texts, groups)
-    spans = {(groups[i], groups[j]) for i, j, _ in found}
-    assert {(i, j) for i, j, _ in found} == {(0, 3), (1, 4)}
-    assert spans == {("train", "test")}
-    sims = {(i, j): s for i, j, s in found}
-    assert sims[(1, 4)] == 1.0 and sims[(0, 3)] == pytest.approx(jaccard(texts[0], texts[3]))
-    # the same texts with the duplicates inside one split: nothing crosses
-    assert cross_group_near_duplicates(texts, ["a", "b", "c", "a", "b"]) == []
-    with pytest.raises(ValueError, match="groups"):
-        cross_group_near_duplicates(texts, ["a"])
 
 
 def test_inputs_chunking_and_workers_do_not_change_the_result():

@@ -15,7 +15,7 @@ import yaml
 
 from distill_pipeline.clients.postgres import Database
 from distill_pipeline.config import DEFAULT_CONFIG_FILE, load_config
-from distill_pipeline.demo.data import generate_rows
+from distill_pipeline.demo.data import generate_rows, source_table
 from distill_pipeline.demo.teacher_server import Faults, demo_answers, start_teacher_server
 from distill_pipeline.stages.labels import hash_input, label_partition, read_labels
 from distill_pipeline.stages.prompts import load_prompts
@@ -48,15 +48,7 @@ def demo_versions(cfg):
 
 
 def demo_table(n: int, seed: int, versions: tuple[str, str], first_id: int = 1) -> pa.Table:
-    rows = list(generate_rows(n, seed, versions))
-    return pa.table({
-        "id": pa.array(range(first_id, first_id + n), pa.int64()),
-        "input": [r.sentence for r in rows],
-        "output": [r.teacher_output for r in rows],
-        "confidence": [r.confidence for r in rows],
-        "prompt_version": [r.prompt_version for r in rows],
-        "created_at": pa.array([r.created_at for r in rows], pa.timestamp("us", tz="UTC")),
-    })
+    return source_table(list(generate_rows(n, seed, versions)), first_id)
 
 
 def cache_rows(db_url: str, prompt_version: str, schema: str = "distill") -> dict[str, tuple]:

@@ -49,7 +49,7 @@ def test_student_adapter_on_the_fake_cluster(tmp_path, monkeypatch, tiny_models)
     cfg = load_config(cfg_path)
     uri = tracking.resolve_tracking_uri(cfg, env={})
     split.write_splits(pa.Table.from_pylist(demo_split_rows(40, seed=5)), cfg.split,
-                       cfg.stage_dir("dataset_splits", PV), PV)
+                       cfg.stage_dir("dataset_splits", PV), PV, curate=cfg.curate)
 
     fake = FakeKubernetes(home, script=None, secrets={("mlflow", "uri"): uri})
     monkeypatch.setattr(PipesK8sClient, "_load_k8s_config", lambda self: None)

@@ -123,7 +123,8 @@ def test_materialize_student_adapter_on_a_tiny_model(tmp_path, monkeypatch, tiny
                              "early_stopping_patience": None})
     cfg = load_config(cfg_path, env={})
     examples = pa.Table.from_pylist(demo_split_rows(60, seed=3))
-    manifest = split.write_splits(examples, cfg.split, cfg.stage_dir("dataset_splits", PV), PV)
+    manifest = split.write_splits(examples, cfg.split, cfg.stage_dir("dataset_splits", PV), PV,
+                                  curate=cfg.curate)
 
     result = _materialize(cfg_path)
     assert result.success

@@ -48,20 +48,14 @@ def make_tiny_model(arch: str, tokenizer_dir: Path, folder: Path, seed: int = 0)
 
 def demo_split_rows(n: int, seed: int = 7) -> list[dict]:
     """Rows shaped like dataset_splits (id, input, target, label, cluster_key, confidence) from the demo data."""
-    from distill_pipeline.demo.data import generate_rows
+    from distill_pipeline.demo.data import clean_examples
     from distill_pipeline.stages.tasks import canonical_json
 
-    rows, seen = [], set()
-    for i, row in enumerate(generate_rows(n * 3, seed=seed)):
-        if row.kind not in ("event", "skip") or row.sentence in seen:
-            continue
-        seen.add(row.sentence)
-        target = canonical_json(row.answer)  # the form curation gives dataset_splits
-        label = row.answer.get("event_type", "skip")
-        rows.append({"id": i, "input": row.sentence, "target": target, "label": label,
-                     "cluster_key": f"c{i}", "confidence": row.confidence})
-        if len(rows) == n:
-            break
+    rows = []
+    for i, row in clean_examples(n, seed=seed):
+        rows.append({"id": i, "input": row.sentence, "target": canonical_json(row.answer),
+                     "label": row.answer.get("event_type", "skip"), "cluster_key": f"c{i}",
+                     "confidence": row.confidence})
     return rows
 
 

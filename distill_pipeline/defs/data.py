@@ -86,7 +86,7 @@ def dataset_splits(context: dg.AssetExecutionContext, settings: SettingsResource
     pv = context.partition_key
     examples = pq.read_table(cfg.stage_dir("curated_examples", pv) / curate.EXAMPLES)
     out_dir = cfg.stage_dir("dataset_splits", pv)
-    manifest = split.write_splits(examples, cfg.split, out_dir, pv)
+    manifest = split.write_splits(examples, cfg.split, out_dir, pv, curate=cfg.curate)
     parts = split.read_splits(out_dir)
     yield dg.MaterializeResult(metadata={
         **{f"{name}_rows": info["rows"] for name, info in manifest["splits"].items()},

@@ -250,3 +250,29 @@ def generate_rows(n: int = 5000, seed: int = 7, prompt_versions: tuple[str, str]
             output = output[: rng.randint(3, max(4, len(output) - 2))]  # truncated generation
             kind = "malformed"
         yield DemoRow(sentence, output, confidence, version, created, kind, answer, source)
+
+
+def clean_examples(n: int, seed: int = 7) -> Iterator[tuple[int, DemoRow]]:
+    """The first `n` distinct clean rows (events and skips) with their row index: ready-made training pairs."""
+    seen: set[str] = set()
+    for i, row in enumerate(generate_rows(n * 4, seed=seed)):
+        if row.kind not in ("event", "skip") or row.sentence in seen:
+            continue
+        seen.add(row.sentence)
+        yield i, row
+        if len(seen) == n:
+            return
+
+
+def source_table(rows: list[DemoRow], first_id: int = 1):
+    """The rows as source_rows exports them (id, input, output, confidence, prompt_version, created_at)."""
+    import pyarrow as pa  # only the callers that build tables pay for it
+
+    return pa.table({
+        "id": pa.array(range(first_id, first_id + len(rows)), pa.int64()),
+        "input": pa.array([r.sentence for r in rows], pa.string()),
+        "output": pa.array([r.teacher_output for r in rows], pa.string()),
+        "confidence": pa.array([r.confidence for r in rows], pa.float64()),
+        "prompt_version": pa.array([r.prompt_version for r in rows], pa.string()),
+        "created_at": pa.array([r.created_at for r in rows], pa.timestamp("us", tz="UTC")),
+    })

@@ -536,7 +536,8 @@ class NearDuplicates:
 
 
 def find_near_duplicates(texts, *, keepers: bool = False, **params) -> NearDuplicates:
-    """The whole detector; `near_duplicate_clusters` and `cross_group_near_duplicates` wrap it.
+    """The whole detector; `near_duplicate_clusters` wraps it; the split stage's leakage
+    check calls it too.
 
     keepers=True also gives each text's keeper: see `_keeper_split`.
     """
@@ -630,22 +631,3 @@ def near_duplicate_clusters(texts, *, threshold: float = 0.8, shingle_size: int 
     found = find_near_duplicates(texts, threshold=threshold, shingle_size=shingle_size, num_perm=num_perm,
                                  bands=bands, workers=workers, keepers=linkage == "keeper", **tuning)
     return found.roots if linkage == "chain" else found.keepers
-
-
-def cross_group_near_duplicates(texts, groups: Sequence, *, threshold: float = 0.8, shingle_size: int = 3,
-                                num_perm: int = 128, bands: int = 16, workers: int = 2,
-                                **tuning) -> list[tuple[int, int, float]]:
-    """Verified near-duplicate pairs (i, j, jaccard) whose members are in different groups.
-
-    For the split leakage check (groups = split names). A cluster spans two groups exactly
-    when one of its verified pairs does, so an empty list proves that none does. Texts need
-    not be distinct here: identical texts are a pair with Jaccard 1.
-    """
-    if len(groups) != len(texts):
-        raise ValueError(f"{len(texts)} texts but {len(groups)} groups")
-    found = find_near_duplicates(texts, threshold=threshold, shingle_size=shingle_size, num_perm=num_perm,
-                                 bands=bands, workers=workers, **tuning)
-    _, group_ids = np.unique(np.asarray([str(g) for g in groups]), return_inverse=True)
-    pairs, sim = found.pairs, found.similarity
-    cross = group_ids[pairs[:, 0]] != group_ids[pairs[:, 1]]
-    return [(int(i), int(j), float(s)) for (i, j), s in zip(pairs[cross], sim[cross])]

@@ -1,7 +1,8 @@
 """dataset_splits: train/val/test that are sticky, stratified and leakage-free.
 
 - Leakage-free: the unit of assignment is the duplicate cluster (its `cluster_key`),
-  so near-duplicates never land in two splits.
+  so near-duplicates never land in two splits; clusters between which the leakage
+  check would still find a near-duplicate pair are assigned as one (`leakage_units`).
 - Sticky: every cluster ever assigned is recorded in assignments.parquet; a cluster
   keeps its split on every later run, whatever arrives.
 - Stratified: new clusters fill, stratum by stratum (the label: event type or
@@ -18,8 +19,10 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from distill_pipeline.clients.tracking import file_sha256
 from distill_pipeline.config import CurateConfig, SplitConfig
 
 SPLITS = ("train", "val", "test")
@@ -47,29 +50,86 @@ def _allocate(n_new: int, have: dict[str, int], shares: dict[str, float]) -> lis
     return [s for s in SPLITS for _ in range(counts[s])]
 
 
-def assign_splits(examples: pa.Table, cfg: SplitConfig, previous: dict[str, str] | None = None) -> dict[str, str]:
-    """cluster_key -> split for every cluster in `examples` (plus all `previous` assignments)."""
+def assign_splits(examples: pa.Table, cfg: SplitConfig, previous: dict[str, str] | None = None,
+                  units: dict[str, str] | None = None) -> dict[str, str]:
+    """cluster_key -> split for every cluster in `examples` (plus all `previous` assignments).
+
+    `units` (cluster_key -> unit key, see `leakage_units`) puts clusters that must stay together
+    in one split: the unit takes the previous split of its unit key's cluster when it had one.
+    """
     previous = dict(previous or {})
+    units = units or {}
     shares = {"train": cfg.train, "val": cfg.val, "test": cfg.test}
     keys = examples.column("cluster_key").to_pylist()
     labels = examples.column("label").to_pylist()
     stratum_of: dict[str, str] = {}
+    members: dict[str, list[str]] = defaultdict(list)
     for key, label in zip(keys, labels):
-        stratum_of.setdefault(key, str(label))
+        unit = units.get(key, key)
+        stratum_of.setdefault(unit, str(label))
+        if key not in members[unit]:
+            members[unit].append(key)
     have: dict[str, Counter] = defaultdict(Counter)
     new: dict[str, list[str]] = defaultdict(list)
-    for key, stratum in stratum_of.items():
-        if key in previous:
-            have[stratum][previous[key]] += 1
-        else:
-            new[stratum].append(key)
     result = previous
+    for unit, stratum in stratum_of.items():
+        if unit in previous:
+            have[stratum][previous[unit]] += 1
+            for key in members[unit]:  # leakage-free wins over stickiness for a merged cluster
+                result[key] = previous[unit]
+        else:
+            new[stratum].append(unit)
     for stratum, fresh in sorted(new.items()):
         fresh.sort(key=lambda k: stable_hash(cfg.salt, k))  # the hash decides who goes where
         counts = {s: have[stratum].get(s, 0) for s in SPLITS}
-        for key, name in zip(fresh, _allocate(len(fresh), counts, shares)):
-            result[key] = name
+        for unit, name in zip(fresh, _allocate(len(fresh), counts, shares)):
+            result[unit] = name
+            for key in members[unit]:
+                result[key] = name
     return result
+
+
+def _near_duplicate_pairs(inputs: pa.Array, ids: pa.Array, curate: CurateConfig) -> list[tuple[int, int, float]]:
+    """Verified near-duplicate pairs among `inputs`, as indices into them.
+
+    The detector's shortcuts on huge LSH buckets depend on the order of the texts, so it
+    always sees them in one canonical order (normalized text, then id): the split stage
+    and the leakage check, given the same examples, find the same pairs.
+    """
+    from distill_pipeline.stages.curate import normalize
+    from distill_pipeline.stages.dedup import find_near_duplicates
+
+    if len(inputs) == 0:
+        return []
+    texts = normalize(inputs)
+    order = pc.sort_indices(pa.table({"text": texts, "id": pc.cast(ids, pa.string())}),
+                            sort_keys=[("text", "ascending"), ("id", "ascending")]).to_numpy()
+    found = find_near_duplicates(texts.take(order), threshold=curate.near_duplicate_threshold,
+                                 shingle_size=curate.shingle_size, num_perm=curate.num_perm,
+                                 bands=curate.lsh_bands, workers=curate.workers)
+    return [(int(order[i]), int(order[j]), float(sim)) for (i, j), sim in zip(found.pairs, found.similarity)]
+
+
+def leakage_units(examples: pa.Table, curate: CurateConfig) -> dict[str, str]:
+    """cluster_key -> unit key (the smallest cluster_key of its unit), for clusters that must share a split.
+
+    Curation clusters all rows, dropped duplicates included, and cuts corners on huge LSH
+    buckets; among the kept examples alone a pair can surface that joins two of its
+    clusters. Such clusters are merged here, so the leakage check cannot find them apart.
+    """
+    keys = examples.column("cluster_key").to_pylist()
+    parent: dict[str, str] = {}  # merged key -> a smaller key; roots are never keys here
+
+    def root(k: str) -> str:
+        while k in parent:
+            k = parent[k]
+        return k
+
+    for i, j, _ in _near_duplicate_pairs(examples.column("input"), examples.column("id"), curate):
+        a, b = root(keys[i]), root(keys[j])
+        if a != b:
+            parent[max(a, b)] = min(a, b)
+    return {k: root(k) for k in parent}
 
 
 def load_assignments(out_dir: Path) -> dict[str, str]:
@@ -80,40 +140,38 @@ def load_assignments(out_dir: Path) -> dict[str, str]:
     return dict(zip(t.column("cluster_key").to_pylist(), t.column("split").to_pylist()))
 
 
-def file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def label_shares(labels: list[str]) -> dict[str, float]:
     counts = Counter(labels)
     total = sum(counts.values()) or 1
     return {k: v / total for k, v in sorted(counts.items())}
 
 
-def write_splits(examples: pa.Table, cfg: SplitConfig, out_dir: Path, prompt_version: str) -> dict:
-    """Assign, write {train,val,test}.parquet + a DatasetDict under hf/ + assignments; return the manifest."""
+def write_splits(examples: pa.Table, cfg: SplitConfig, out_dir: Path, prompt_version: str, *,
+                 curate: CurateConfig) -> dict:
+    """Assign, write {train,val,test}.parquet + a DatasetDict under hf/ + assignments; return the manifest.
+
+    `curate` gives the near-duplicate settings the leakage check uses (see `leakage_units`).
+    """
     from datasets import Dataset, DatasetDict  # heavy import, only when writing
     from datasets.utils.logging import disable_progress_bar
 
     disable_progress_bar()
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    assignment = assign_splits(examples, cfg, load_assignments(out_dir))
+    units = leakage_units(examples, curate)
+    assignment = assign_splits(examples, cfg, load_assignments(out_dir), units)
     split_col = pa.array([assignment[k] for k in examples.column("cluster_key").to_pylist()], pa.string())
     columns = ["id", "input", "target", "label", "cluster_key", "confidence"]
     table = examples.select(columns).append_column("split", split_col)
-    manifest = {"prompt_version": prompt_version, "splits": {}, "salt": cfg.salt}
+    manifest = {"prompt_version": prompt_version, "splits": {}, "salt": cfg.salt,
+                "clusters_merged_for_leakage": len(units)}
     parts = {}
     for name in SPLITS:
-        part = table.filter(pa.compute.equal(table.column("split"), name)).drop_columns(["split"])
+        part = table.filter(pc.equal(table.column("split"), name)).drop_columns(["split"])
         path = out_dir / f"{name}.parquet"
         pq.write_table(part, path)
         parts[name] = part
-        manifest["splits"][name] = {"rows": part.num_rows, "sha256": file_digest(path), "path": str(path),
+        manifest["splits"][name] = {"rows": part.num_rows, "sha256": file_sha256(path), "path": str(path),
                                     "labels": dict(Counter(part.column("label").to_pylist()))}
     DatasetDict({HF_NAMES[n]: Dataset(parts[n]) for n in SPLITS}).save_to_disk(str(out_dir / "hf"))
     keys = sorted(assignment)
@@ -130,7 +188,6 @@ def read_splits(out_dir: Path) -> dict[str, pa.Table]:
 def check_leakage(splits: dict[str, pa.Table], curate: CurateConfig) -> tuple[bool, dict]:
     """No cluster key and no near-duplicate input (recomputed from the texts) in two splits."""
     from distill_pipeline.stages.curate import normalize
-    from distill_pipeline.stages.dedup import cross_group_near_duplicates
 
     seen: dict[str, str] = {}
     shared_keys = set()
@@ -138,13 +195,12 @@ def check_leakage(splits: dict[str, pa.Table], curate: CurateConfig) -> tuple[bo
         for key in part.column("cluster_key").to_pylist():
             if seen.setdefault(key, name) != name:
                 shared_keys.add(key)
-    texts, groups = [], []
-    for name, part in splits.items():
-        texts.extend(normalize(part.column("input")).to_pylist())
-        groups.extend([name] * part.num_rows)
-    pairs = cross_group_near_duplicates(texts, groups, threshold=curate.near_duplicate_threshold,
-                                        shingle_size=curate.shingle_size, num_perm=curate.num_perm,
-                                        bands=curate.lsh_bands, workers=curate.workers) if texts else []
+    names = [name for name, part in splits.items() if part.num_rows]
+    whole = pa.concat_tables([splits[n].select(["id", "input"]) for n in names]) if names else None
+    groups = [name for name in names for _ in range(splits[name].num_rows)]
+    texts = normalize(whole.column("input")).to_pylist() if whole is not None else []
+    pairs = [(i, j, sim) for i, j, sim in _near_duplicate_pairs(whole.column("input"), whole.column("id"), curate)
+             if groups[i] != groups[j]] if whole is not None else []
     examples = [{"a": texts[i][:120], "b": texts[j][:120], "splits": [groups[i], groups[j]], "jaccard": round(sim, 3)}
                 for i, j, sim in pairs[:5]]
     passed = not shared_keys and not pairs
