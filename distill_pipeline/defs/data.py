@@ -92,6 +92,7 @@ def dataset_splits(context: dg.AssetExecutionContext, settings: SettingsResource
         **{f"{name}_rows": info["rows"] for name, info in manifest["splits"].items()},
         **{f"{name}_sha256": info["sha256"][:16] for name, info in manifest["splits"].items()},
         "label_shares": dg.MetadataValue.json(manifest["label_shares"]),
+        "clusters_merged_for_leakage": manifest["clusters_merged_for_leakage"],
         "path": dg.MetadataValue.path(str(out_dir)),
     })
     leak_ok, leak = split.check_leakage(parts, cfg.curate)
