@@ -4,7 +4,8 @@
   so near-duplicates never land in two splits; clusters between which the leakage
   check would still find a near-duplicate pair are assigned as one (`leakage_units`).
 - Sticky: every cluster ever assigned is recorded in assignments.parquet; a cluster
-  keeps its split on every later run, whatever arrives.
+  keeps its split on every later run, unless new rows join it to a cluster of
+  another split (then leakage-freedom wins: the merged unit takes one split).
 - Stratified: new clusters fill, stratum by stratum (the label: event type or
   "skip"), the gap between each split's target share and what it already holds;
   within a stratum new clusters are ordered by a stable hash of salt + key, so
