@@ -245,10 +245,7 @@ def _day_numbers(created_at: pa.Array) -> np.ndarray:
 
 
 def _iter_batches(db: Database, sql: str, batch_bytes: int) -> Iterator[pa.RecordBatch]:
-    with db.adbc_connect() as conn, conn.cursor() as cur:
-        cur.adbc_statement.set_options(**{"adbc.postgresql.batch_size_hint_bytes": str(batch_bytes)})
-        cur.execute(sql)
-        reader = cur.fetch_record_batch()
+    with db.arrow_batches(sql, batch_bytes) as reader:
         for batch in reader:
             if batch.num_rows:
                 yield batch
