@@ -240,8 +240,10 @@ def _day_numbers(created_at: pa.Array) -> np.ndarray:
     if created_at.null_count:
         raise ValueError("source rows with NULL created_at cannot be exported incrementally "
                          "(source.columns.created_at must be NOT NULL)")
-    micros = created_at.cast(pa.timestamp("us", tz="UTC")).cast(pa.int64()).to_numpy()
-    return micros // US_PER_DAY
+    micros = created_at.cast(pa.timestamp("us", tz="UTC")).cast(pa.int64())
+    # Straight from the buffer: Array.to_numpy() imports pandas (~0.25 s of a 1M-row export).
+    values = np.frombuffer(micros.buffers()[1], dtype=np.int64)[micros.offset: micros.offset + len(micros)]
+    return values // US_PER_DAY
 
 
 def _iter_batches(db: Database, sql: str, batch_bytes: int) -> Iterator[pa.RecordBatch]:
