@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
+import threading
 from pathlib import Path
 from typing import Iterator
 from urllib.parse import urlsplit, urlunsplit
@@ -79,26 +80,47 @@ class Database:
             yield cur
 
     @contextlib.contextmanager
-    def arrow_batches(self, sql: str, batch_bytes: int) -> Iterator:
-        """A pyarrow RecordBatchReader over `sql`, straight from Postgres COPY binary (ADBC).
-
-        ADBC's low-level API: its DB-API module imports pandas and pyarrow.dataset, a quarter
-        of a second in every fresh run process, for nothing we use.
-        """
-        import adbc_driver_manager
-        import adbc_driver_postgresql
-        import pyarrow as pa
-
-        with contextlib.ExitStack() as stack:
-            database = stack.enter_context(contextlib.closing(adbc_driver_postgresql.connect(self.url)))
-            conn = stack.enter_context(contextlib.closing(adbc_driver_manager.AdbcConnection(database)))
-            stmt = stack.enter_context(contextlib.closing(adbc_driver_manager.AdbcStatement(conn)))
-            stmt.set_options(**{"adbc.postgresql.batch_size_hint_bytes": str(batch_bytes)})
-            stmt.set_sql_query(sql)
-            stream, _ = stmt.execute_query()
-            reader = stack.enter_context(contextlib.closing(pa.RecordBatchReader.from_stream(stream)))
-            yield reader
+    def arrow_source(self) -> Iterator["ArrowSource"]:
+        """Reads queries as Arrow batches; one per export, shared by its streams."""
+        source = ArrowSource(self.url)
+        try:
+            yield source
+        finally:
+            source.close()
 
     def ensure_schema(self) -> None:
         with self.connect(autocommit=True) as conn:
             conn.execute(f"CREATE SCHEMA IF NOT EXISTS {quote_ident(self.schema_name)}")
+
+
+class ArrowSource:
+    """Query results as pyarrow record batches, straight from Postgres COPY binary (ADBC).
+
+    ADBC's low-level API: its DB-API module imports pandas and pyarrow.dataset, a quarter of
+    a second in every fresh run process, for nothing we use. Loading the driver (the ADBC
+    database) costs ~50 ms, so parallel streams share one and open a connection each.
+    """
+
+    def __init__(self, url: str):
+        import adbc_driver_postgresql
+
+        self._database = adbc_driver_postgresql.connect(url)
+        self._lock = threading.Lock()  # connections are opened one at a time on the shared handle
+
+    @contextlib.contextmanager
+    def batches(self, sql: str, batch_bytes: int) -> Iterator:
+        """A pyarrow RecordBatchReader over `sql`, in batches of about `batch_bytes`."""
+        import adbc_driver_manager
+        import pyarrow as pa
+
+        with contextlib.ExitStack() as stack:
+            with self._lock:
+                conn = stack.enter_context(contextlib.closing(adbc_driver_manager.AdbcConnection(self._database)))
+            stmt = stack.enter_context(contextlib.closing(adbc_driver_manager.AdbcStatement(conn)))
+            stmt.set_options(**{"adbc.postgresql.batch_size_hint_bytes": str(batch_bytes)})
+            stmt.set_sql_query(sql)
+            stream, _ = stmt.execute_query()
+            yield stack.enter_context(contextlib.closing(pa.RecordBatchReader.from_stream(stream)))
+
+    def close(self) -> None:
+        self._database.close()

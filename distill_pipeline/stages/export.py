@@ -36,7 +36,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from distill_pipeline.clients.postgres import Database, quote_ident, quote_table
+from distill_pipeline.clients.postgres import ArrowSource, Database, quote_ident, quote_table
 from distill_pipeline.config import PipelineConfig, SourceConfig
 
 log = logging.getLogger(__name__)
@@ -246,8 +246,8 @@ def _day_numbers(created_at: pa.Array) -> np.ndarray:
     return values // US_PER_DAY
 
 
-def _iter_batches(db: Database, sql: str, batch_bytes: int) -> Iterator[pa.RecordBatch]:
-    with db.arrow_batches(sql, batch_bytes) as reader:
+def _iter_batches(source: ArrowSource, sql: str, batch_bytes: int) -> Iterator[pa.RecordBatch]:
+    with source.batches(sql, batch_bytes) as reader:
         for batch in reader:
             if batch.num_rows:
                 yield batch
@@ -300,9 +300,9 @@ def export_source_rows(db: Database, source: SourceConfig, stage_dir: Path) -> E
     try:
         # Each stream: ADBC reading (C++, no GIL) and Parquet writing overlap in two threads;
         # streams cover disjoint day ranges, so they never write the same folder.
-        with ThreadPoolExecutor(max_workers=len(ranges)) as pool:
-            futures = [pool.submit(_pipe, _iter_batches(db, build_query(source, lo, hi), BATCH_BYTES), sink.write, 2)
-                       for (lo, hi), sink in zip(ranges, sinks)]
+        with db.arrow_source() as arrow, ThreadPoolExecutor(max_workers=len(ranges)) as pool:
+            futures = [pool.submit(_pipe, _iter_batches(arrow, build_query(source, lo, hi), BATCH_BYTES), sink.write,
+                                   2) for (lo, hi), sink in zip(ranges, sinks)]
             for future in futures:
                 future.result()
     except BaseException:
