@@ -132,6 +132,9 @@ def test_merged_clusters_follow_the_unit_keys_previous_split():
     units = {keys[1]: keys[0]}  # keys[0] < keys[1]: the unit is known by keys[0]
     assignment = assign_splits(table, CFG.split, previous, units)
     assert assignment[keys[0]] == assignment[keys[1]] == "test"
+    # a unit whose key is new keeps the split its assigned member had
+    assignment = assign_splits(table, CFG.split, {keys[1]: "val"}, units)
+    assert assignment[keys[0]] == assignment[keys[1]] == "val"
 
 
 def test_curated_demo_data_splits_without_leakage(tmp_path):

@@ -56,7 +56,8 @@ def assign_splits(examples: pa.Table, cfg: SplitConfig, previous: dict[str, str]
     """cluster_key -> split for every cluster in `examples` (plus all `previous` assignments).
 
     `units` (cluster_key -> unit key, see `leakage_units`) puts clusters that must stay together
-    in one split: the unit takes the previous split of its unit key's cluster when it had one.
+    in one split: the unit keeps the previous split of its unit key's cluster, else of its first
+    member (by key) that had one.
     """
     previous = dict(previous or {})
     units = units or {}
@@ -64,20 +65,20 @@ def assign_splits(examples: pa.Table, cfg: SplitConfig, previous: dict[str, str]
     keys = examples.column("cluster_key").to_pylist()
     labels = examples.column("label").to_pylist()
     stratum_of: dict[str, str] = {}
-    members: dict[str, list[str]] = defaultdict(list)
+    members: dict[str, set[str]] = defaultdict(set)
     for key, label in zip(keys, labels):
         unit = units.get(key, key)
         stratum_of.setdefault(unit, str(label))
-        if key not in members[unit]:
-            members[unit].append(key)
+        members[unit].add(key)
     have: dict[str, Counter] = defaultdict(Counter)
     new: dict[str, list[str]] = defaultdict(list)
     result = previous
     for unit, stratum in stratum_of.items():
-        if unit in previous:
-            have[stratum][previous[unit]] += 1
-            for key in members[unit]:  # leakage-free wins over stickiness for a merged cluster
-                result[key] = previous[unit]
+        before = [previous[k] for k in [unit, *sorted(members[unit])] if k in previous]
+        if before:
+            have[stratum][before[0]] += 1
+            for key in members[unit] | {unit}:  # leakage-free wins over stickiness for a merged cluster
+                result[key] = before[0]
         else:
             new[stratum].append(unit)
     for stratum, fresh in sorted(new.items()):
