@@ -473,6 +473,9 @@ class TrainConfig(Section):
     early_stopping_threshold: float = Field(0.0, ge=0)
     # Resume from the last checkpoint of an earlier run with the same settings and data.
     resume: bool = True
+    # Off: when the adapter in place was trained from the same splits, settings, compute and code,
+    # student_adapter reports it again (no training, no new MLflow run). On: train anyway.
+    retrain_unchanged: bool = False
     seed: int = 42
     # auto: bfloat16 on a GPU that supports it, else float32.
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"

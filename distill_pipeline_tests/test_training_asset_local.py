@@ -180,3 +180,22 @@ def test_materialize_student_adapter_on_a_tiny_model(tmp_path, monkeypatch, tiny
     config_artifact = Path(client.download_artifacts(run_id, "config/pipeline.yaml", str(tmp_path / "dl")))
     shipped = yaml.safe_load(config_artifact.read_text())
     assert "database" not in shipped and shipped["train"]["base_model"]["source"] == str(tiny_models["llama"])
+
+    # The same inputs again: the adapter in place is reported, nothing is trained, no new MLflow run.
+    again = _materialize(cfg_path)
+    (mat2,) = again.asset_materializations_for_node("student_adapter")
+    md2 = {k: v.value for k, v in mat2.metadata.items()}
+    assert md["reused"] is False and md2["reused"] is True
+    assert md2["mlflow_run_id"] == run_id and md2["adapter_sha256"] == adapter_sha
+    assert md2["best_val_loss"] == md["best_val_loss"] and md2["steps"] == steps
+    assert mat2.tags["dagster/data_version"] == adapter_sha[:16]
+    assert len(_runs(cfg)[1]) == 1
+
+    # A changed training setting trains again, in a new MLflow run.
+    write_config(cfg_path, tmp_path / "home", tiny_models["llama"],
+                 {"max_steps": steps, "eval_steps": 2, "max_seq_len": 256, "early_stopping_patience": None,
+                  "learning_rate": 0.001})
+    third = _materialize(cfg_path)
+    (mat3,) = third.asset_materializations_for_node("student_adapter")
+    assert mat3.metadata["reused"].value is False and mat3.metadata["mlflow_run_id"].value != run_id
+    assert len(_runs(cfg)[1]) == 2

@@ -3,7 +3,9 @@
 The asset creates the MLflow run (tags, params, dataset inputs), starts the worker
 (`distill_pipeline.workers.train`) locally or in a Kubernetes pod with MLFLOW_RUN_ID in
 its environment, logs the adapter, closes the run and returns the worker's metadata
-plus the run id and link. Training itself happens only in the worker process.
+plus the run id and link. Training itself happens only in the worker process. When the
+adapter in place was trained from identical inputs, it is reported again instead
+(`stages/adapter_record.py`; `train.retrain_unchanged` forces training).
 """
 
 
@@ -14,11 +16,13 @@ from typing import Any
 
 import dagster as dg
 
+from distill_pipeline import __version__
 from distill_pipeline.clients import tracking
 from distill_pipeline.clients.compute import ComputeClient, TrainJob, compute_client, pod_config_yaml, public_config
 from distill_pipeline.config import DEFAULT_CONFIG_FILE, PipelineConfig
 from distill_pipeline.defs.partitions import prompt_versions
 from distill_pipeline.defs.resources import SettingsResource
+from distill_pipeline.stages import adapter_record
 
 # Config sections that say nothing about how the student was trained (or hold endpoints).
 _NOT_TRAINING = {"home", "prompts_dir", "database", "source", "teacher", "curate", "compute", "tracking"}
@@ -134,10 +138,20 @@ def student_adapter(
     data = split_digests(splits_dir)
 
     uri = mlflow.uri()
-    client = mlflow.client()
-    experiment_id = mlflow.experiment_id(client)
     runner = compute.client(tracking_uri=uri)
     commit, dirty = tracking.git_commit()
+    params = training_params(cfg, pv, data, runner.describe())
+    key = adapter_record.training_key(params, __version__, commit)
+    if not cfg.train.retrain_unchanged:
+        record = adapter_record.reusable(output_dir, find_adapter_dir(output_dir), key)
+        if record is not None:
+            context.log.info(f"inputs unchanged since MLflow run {record['mlflow_run_id']}: reporting its adapter "
+                             "again without training (train.retrain_unchanged: true forces training)")
+            return _reused(record, find_adapter_dir(output_dir), data, runner.describe())
+    adapter_record.forget(output_dir)
+
+    client = mlflow.client()
+    experiment_id = mlflow.experiment_id(client)
     run_id = tracking.start_run(
         client,
         experiment_id,
@@ -150,7 +164,7 @@ def student_adapter(
             "distill.git_dirty": None if dirty is None else str(dirty).lower(),
             "distill.compute_backend": runner.backend,
         },
-        params=training_params(cfg, pv, data, runner.describe()),
+        params=params,
     )
     link = tracking.run_link(cfg.tracking.ui_url, uri, experiment_id, run_id)
     context.log.info(f"MLflow run {run_id}: {link}")
@@ -179,13 +193,18 @@ def student_adapter(
             for name in _ADAPTER_FILES:
                 if (adapter_dir / name).is_file():
                     tracker.log_artifact(adapter_dir / name, "adapter")
+        adapter_sha = tracking.file_sha256(adapter_dir / adapter_record.ADAPTER_WEIGHTS)
         ok = True
     finally:
         tracking.finish_run(client, run_id, ok)
+    adapter_record.write_record(output_dir, key, adapter_sha, run_id, link,
+                                {**{k: _plain(v) for k, v in worker_metadata.items()},
+                                 "mlflow_experiment_id": experiment_id})
 
     return dg.MaterializeResult(
         metadata={
             **worker_metadata,
+            "reused": False,
             "mlflow_run_id": run_id,
             "mlflow_run": dg.MetadataValue.url(link),
             "mlflow_experiment_id": experiment_id,
@@ -195,6 +214,35 @@ def student_adapter(
             "compute": dg.MetadataValue.json(runner.describe()),
         },
         data_version=data_version,
+    )
+
+
+def _plain(value: Any) -> Any:
+    return value.value if isinstance(value, dg.MetadataValue) else value
+
+
+def _reused(record: dict[str, Any], adapter_dir: Path, data: dict[str, dict[str, Any]],
+            compute: dict[str, Any]) -> dg.MaterializeResult:
+    """The materialization of an adapter kept because its inputs did not change."""
+    kept = {}
+    for k, v in record["metadata"].items():
+        if k in ("adapter_path", "mlflow_run") or v is None:
+            continue
+        kept[k] = dg.MetadataValue.md(v) if k == "samples" else dg.MetadataValue.json(v) \
+            if isinstance(v, (dict, list)) else v
+    return dg.MaterializeResult(
+        metadata={
+            **kept,
+            "reused": True,
+            "mlflow_run_id": record["mlflow_run_id"],
+            "mlflow_run": dg.MetadataValue.url(record["mlflow_run"]),
+            "adapter_path": dg.MetadataValue.path(str(adapter_dir)),
+            "adapter_sha256": record["adapter_sha256"],
+            "train_sha256": data["train"]["sha256"][:16],
+            "val_sha256": data["val"]["sha256"][:16],
+            "compute": dg.MetadataValue.json(compute),
+        },
+        data_version=dg.DataVersion(record["adapter_sha256"][:16]),
     )
 
 
