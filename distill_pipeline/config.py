@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Any, ClassVar, Literal, Mapping
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
@@ -440,6 +440,11 @@ class LoraSettings(Section):
 
 class TrainConfig(Section):
     """LoRA training of the student (`student_adapter`); names follow Axolotl where they can."""
+
+    # Settings that never change the adapter (what is reported, and how a run is started): left out
+    # of the resume fingerprint and of the key that lets student_adapter reuse an adapter.
+    NOT_AFFECTING_ADAPTER: ClassVar[frozenset[str]] = frozenset(
+        {"logging_steps", "sample_count", "sample_max_new_tokens", "resume", "retrain_unchanged"})
 
     base_model: BaseModelConfig = BaseModelConfig()
     lora: LoraSettings = LoraSettings()

@@ -82,11 +82,8 @@ class Database:
     @contextlib.contextmanager
     def arrow_source(self) -> Iterator["ArrowSource"]:
         """Reads queries as Arrow batches; one per export, shared by its streams."""
-        source = ArrowSource(self.url)
-        try:
+        with contextlib.closing(ArrowSource(self.url)) as source:
             yield source
-        finally:
-            source.close()
 
     def ensure_schema(self) -> None:
         with self.connect(autocommit=True) as conn:

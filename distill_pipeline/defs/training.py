@@ -139,15 +139,16 @@ def student_adapter(
 
     uri = mlflow.uri()
     runner = compute.client(tracking_uri=uri)
+    compute_settings = runner.describe()
     commit, dirty = tracking.git_commit()
-    params = training_params(cfg, pv, data, runner.describe())
+    params = training_params(cfg, pv, data, compute_settings)
     key = adapter_record.training_key(params, __version__, commit)
-    if not cfg.train.retrain_unchanged:
-        record = adapter_record.reusable(output_dir, find_adapter_dir(output_dir), key)
-        if record is not None:
-            context.log.info(f"inputs unchanged since MLflow run {record['mlflow_run_id']}: reporting its adapter "
-                             "again without training (train.retrain_unchanged: true forces training)")
-            return _reused(record, find_adapter_dir(output_dir), data, runner.describe())
+    in_place = find_adapter_dir(output_dir)
+    record = None if cfg.train.retrain_unchanged else adapter_record.reusable(output_dir, in_place, key)
+    if record is not None:
+        context.log.info(f"inputs unchanged since MLflow run {record['mlflow_run_id']}: reporting its adapter "
+                         "again without training (train.retrain_unchanged: true forces training)")
+        return _reused(record, in_place, data, compute_settings)
     adapter_record.forget(output_dir)
 
     client = mlflow.client()
@@ -211,7 +212,7 @@ def student_adapter(
             "adapter_path": dg.MetadataValue.path(str(adapter_dir)),
             "train_sha256": data["train"]["sha256"][:16],
             "val_sha256": data["val"]["sha256"][:16],
-            "compute": dg.MetadataValue.json(runner.describe()),
+            "compute": dg.MetadataValue.json(compute_settings),
         },
         data_version=data_version,
     )

@@ -18,11 +18,11 @@ from pathlib import Path
 from typing import Any
 
 from distill_pipeline.clients.tracking import file_sha256
+from distill_pipeline.config import TrainConfig
 from distill_pipeline.stages.student_model import ADAPTER_WEIGHTS
 
 RECORD = "adapter_record.json"
-# Params that do not change the adapter: the switch itself, and what is only reported.
-_NOT_IN_KEY = ("train.retrain_unchanged", "train.logging_steps", "train.sample_count", "train.sample_max_new_tokens")
+_NOT_IN_KEY = {f"train.{name}" for name in TrainConfig.NOT_AFFECTING_ADAPTER}
 
 
 def training_key(params: dict[str, Any], code_version: str, commit: str | None) -> str:

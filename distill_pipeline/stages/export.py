@@ -241,7 +241,7 @@ def _day_numbers(created_at: pa.Array) -> np.ndarray:
         raise ValueError("source rows with NULL created_at cannot be exported incrementally "
                          "(source.columns.created_at must be NOT NULL)")
     micros = created_at.cast(pa.timestamp("us", tz="UTC")).cast(pa.int64())
-    # Straight from the buffer: Array.to_numpy() imports pandas (~0.25 s of a 1M-row export).
+    # Straight from the buffer: Array.to_numpy() imports pandas (0.28 s here, in every run process).
     values = np.frombuffer(micros.buffers()[1], dtype=np.int64)[micros.offset: micros.offset + len(micros)]
     return values // US_PER_DAY
 

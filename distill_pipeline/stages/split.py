@@ -56,8 +56,8 @@ def assign_splits(examples: pa.Table, cfg: SplitConfig, previous: dict[str, str]
     """cluster_key -> split for every cluster in `examples` (plus all `previous` assignments).
 
     `units` (cluster_key -> unit key, see `leakage_units`) puts clusters that must stay together
-    in one split: the unit keeps the previous split of its unit key's cluster, else of its first
-    member (by key) that had one.
+    in one split: the unit keeps the previous split of its first member (by key, so the unit key
+    first) that had one.
     """
     previous = dict(previous or {})
     units = units or {}
@@ -74,18 +74,18 @@ def assign_splits(examples: pa.Table, cfg: SplitConfig, previous: dict[str, str]
     new: dict[str, list[str]] = defaultdict(list)
     result = previous
     for unit, stratum in stratum_of.items():
-        before = [previous[k] for k in [unit, *sorted(members[unit])] if k in previous]
-        if before:
-            have[stratum][before[0]] += 1
-            for key in members[unit] | {unit}:  # leakage-free wins over stickiness for a merged cluster
-                result[key] = before[0]
-        else:
+        # The unit key is its smallest member, so sorted members try it first.
+        before = next((previous[k] for k in sorted(members[unit]) if k in previous), None)
+        if before is None:
             new[stratum].append(unit)
+            continue
+        have[stratum][before] += 1
+        for key in members[unit]:  # leakage-free wins over stickiness for a merged cluster
+            result[key] = before
     for stratum, fresh in sorted(new.items()):
         fresh.sort(key=lambda k: stable_hash(cfg.salt, k))  # the hash decides who goes where
         counts = {s: have[stratum].get(s, 0) for s in SPLITS}
         for unit, name in zip(fresh, _allocate(len(fresh), counts, shares)):
-            result[unit] = name
             for key in members[unit]:
                 result[key] = name
     return result
@@ -197,14 +197,14 @@ def check_leakage(splits: dict[str, pa.Table], curate: CurateConfig) -> tuple[bo
         for key in part.column("cluster_key").to_pylist():
             if seen.setdefault(key, name) != name:
                 shared_keys.add(key)
-    names = [name for name, part in splits.items() if part.num_rows]
-    whole = pa.concat_tables([splits[n].select(["id", "input"]) for n in names]) if names else None
-    groups = [name for name in names for _ in range(splits[name].num_rows)]
-    texts = normalize(whole.column("input")).to_pylist() if whole is not None else []
+    whole = pa.concat_tables([part.select(["id", "input"]) for part in splits.values()])
+    groups = [name for name, part in splits.items() for _ in range(part.num_rows)]
     pairs = [(i, j, sim) for i, j, sim in _near_duplicate_pairs(whole.column("input"), whole.column("id"), curate)
-             if groups[i] != groups[j]] if whole is not None else []
-    examples = [{"a": texts[i][:120], "b": texts[j][:120], "splits": [groups[i], groups[j]], "jaccard": round(sim, 3)}
-                for i, j, sim in pairs[:5]]
+             if groups[i] != groups[j]]
+    shown = pairs[:5]
+    texts = normalize(whole.column("input").take(pa.array([k for i, j, _ in shown for k in (i, j)], pa.int64()))).to_pylist()
+    examples = [{"a": texts[2 * n][:120], "b": texts[2 * n + 1][:120], "splits": [groups[i], groups[j]],
+                 "jaccard": round(sim, 3)} for n, (i, j, sim) in enumerate(shown)]
     passed = not shared_keys and not pairs
     return passed, {"clusters_in_two_splits": len(shared_keys), "near_duplicate_pairs_across_splits": len(pairs),
                     "examples": examples}

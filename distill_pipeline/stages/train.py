@@ -36,8 +36,6 @@ CHECKPOINTS = "checkpoints"
 ADAPTER = "adapter"
 RUN_STATE = "run_state.json"
 RESULT = "train_result.json"
-# Settings that change what is trained; the others (logging, samples) may change between a crash and a resume.
-_NOT_IN_FINGERPRINT = {"logging_steps", "sample_count", "sample_max_new_tokens", "resume"}
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -97,7 +95,8 @@ def last_checkpoint(output_dir: Path) -> Path | None:
 
 
 def fingerprint(cfg: PipelineConfig, instruction: str | None, splits_dir: Path, base: str, world: int) -> str:
-    settings = {k: v for k, v in cfg.train.model_dump(mode="json").items() if k not in _NOT_IN_FINGERPRINT}
+    # Reporting settings may change between a crash and a resume.
+    settings = cfg.train.model_dump(mode="json", exclude=set(cfg.train.NOT_AFFECTING_ADAPTER))
     data = {name: file_sha256(splits_dir / f"{name}.parquet") for name in ("train", "val")}
     blob = json.dumps({"train": settings, "instruction": instruction, "data": data, "base": base,
                        "world_size": world}, sort_keys=True)
