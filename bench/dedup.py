@@ -41,7 +41,7 @@ sys.path.insert(0, str(REPO))
 from distill_pipeline.config import load_config  # noqa: E402
 from distill_pipeline.demo.data import generate_rows, source_table  # noqa: E402
 from distill_pipeline.stages import dedup  # noqa: E402
-from distill_pipeline.stages.curate import curate_table, normalize  # noqa: E402
+from distill_pipeline.stages.curated_examples import curate_table, normalize  # noqa: E402
 
 
 

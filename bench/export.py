@@ -29,14 +29,14 @@ sys.path.insert(0, str(REPO))
 from distill_pipeline.clients.postgres import Database, quote_table  # noqa: E402
 from distill_pipeline.config import load_config  # noqa: E402
 from distill_pipeline.demo.seed import seed_demo_table  # noqa: E402
-from distill_pipeline.stages.export import build_query  # noqa: E402
+from distill_pipeline.stages.source_rows import build_query  # noqa: E402
 
 CHILD = """
 import json, resource, sys
 from pathlib import Path
 from distill_pipeline.clients.postgres import Database
 from distill_pipeline.config import load_config
-from distill_pipeline.stages.export import export_source_rows
+from distill_pipeline.stages.source_rows import export_source_rows
 cfg = load_config()
 r = export_source_rows(Database(sys.argv[1]), cfg.source, Path(sys.argv[2]))
 print(json.dumps({"rows": r.rows_read, "seconds": r.seconds, "shards": r.shards, "bytes": r.bytes_total,

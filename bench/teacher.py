@@ -74,7 +74,7 @@ def stage_rate(url: str, database_url: str, n: int, concurrency: int, seed: int)
 
     from distill_pipeline.clients.postgres import Database
     from distill_pipeline.config import DEFAULT_CONFIG_FILE, load_config
-    from distill_pipeline.stages.labels import label_partition
+    from distill_pipeline.stages.teacher_labels import label_partition
 
     schema = f"bench_teacher_{os.getpid()}"
     with tempfile.TemporaryDirectory() as home:

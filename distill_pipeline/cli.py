@@ -23,8 +23,8 @@ from pathlib import Path
 
 from distill_pipeline.config import ConfigError, PipelineConfig, load_config
 
-PARTITIONED_ORDER = ["teacher_labels", "curated_examples", "dataset_splits", "student_adapter", "eval_report",
-                     "gguf_model"]
+class UserError(Exception):
+    """A mistake in what the user asked for: printed as one line, exit status 2, no traceback."""
 
 
 def dagster_instance(cfg: PipelineConfig):
@@ -53,46 +53,63 @@ def register_prompt_versions(cfg: PipelineConfig, instance) -> list[str]:
     return keys
 
 
-def materialize(select: list[str], partition: str | None, instance, config_file: str | None = None) -> None:
+def asset_chain(defs) -> tuple[list[str], list[str]]:
+    """(unpartitioned assets, prompt-version assets), each in dependency order, as the definitions have them."""
+    graph = defs.resolve_asset_graph()
+    plain, partitioned = [], []
+    for level in graph.toposorted_asset_keys_by_level:
+        for key in sorted(level, key=lambda k: k.to_user_string()):
+            (partitioned if graph.get(key).partitions_def is not None else plain).append(key.to_user_string())
+    return plain, partitioned
+
+
+def materialize(defs, select: list[str], partition: str | None, instance) -> None:
     import dagster as dg
 
-    from distill_pipeline.definitions import defs
+    plain, partitioned = asset_chain(defs)
+    unknown = [name for name in select if name not in plain + partitioned]
+    if unknown:
+        raise UserError(f"unknown asset(s) {', '.join(unknown)}; the assets are: {', '.join(plain + partitioned)}")
+    if partition is None and any(name in partitioned for name in select):
+        raise UserError(f"{', '.join(n for n in select if n in partitioned)} are partitioned by prompt version: "
+                        "pass --partition KEY (see `distill prompts`)")
+    if partition is not None:
+        from distill_pipeline.defs.partitions import prompt_versions
 
-    available = {key.to_user_string() for key in defs.resolve_asset_graph().get_all_asset_keys()}
-    chosen = [name for name in select if name in available]
-    if not chosen:
-        return
-    resources = dict(defs.resources or {})
-    if config_file:
-        from distill_pipeline.defs.resources import PostgresResource, SettingsResource
-
-        settings = SettingsResource(config_file=config_file)
-        resources.update(settings=settings, postgres=PostgresResource(settings=settings))
-    assets = list(defs.assets or []) + list(defs.asset_checks or [])
-    print(f"materializing {', '.join(chosen)}" + (f" [{partition}]" if partition else ""), flush=True)
-    result = dg.materialize(assets, selection=chosen, partition_key=partition, instance=instance,
-                            resources=resources, raise_on_error=False)
+        known = sorted(instance.get_dynamic_partitions(prompt_versions.name))
+        if partition not in known:
+            raise UserError(f"unknown prompt version {partition!r}; the registered ones are: {', '.join(known) or 'none'}")
+    print(f"materializing {', '.join(select)}" + (f" [{partition}]" if partition else ""), flush=True)
+    result = dg.materialize(list(defs.assets or []) + list(defs.asset_checks or []), selection=select,
+                            partition_key=partition, instance=instance, resources=dict(defs.resources or {}),
+                            raise_on_error=False)
     if not result.success:
-        raise SystemExit(f"materialization of {chosen} failed; see the run in the Dagster UI (make dev)")
+        raise SystemExit(f"materialization of {select} failed; see the run in the Dagster UI (make dev)")
 
 
 def cmd_demo(args, cfg: PipelineConfig) -> None:
     from distill_pipeline.clients.postgres import Database
+    from distill_pipeline.definitions import build_defs
     from distill_pipeline.demo.seed import seed_demo_table
 
+    defs = build_defs(args.config)
+    plain, partitioned = asset_chain(defs)
+    chain = partitioned
+    if args.stop_after:
+        if args.stop_after not in partitioned:
+            raise UserError(f"--stop-after {args.stop_after}: not a prompt-version asset; choose one of "
+                            f"{', '.join(partitioned)}")
+        chain = partitioned[: partitioned.index(args.stop_after) + 1]
     db = Database.from_config(cfg)
     inserted = seed_demo_table(db, cfg.source.table, cfg.prompts_dir, rows=args.rows, seed=args.seed)
     print(f"demo table {cfg.source.table}: {inserted} new rows (Postgres at {db.safe_url})")
     instance = dagster_instance(cfg)
     keys = register_prompt_versions(cfg, instance)
-    materialize(["source_rows"], None, instance, args.config)
-    chain = PARTITIONED_ORDER
-    if args.stop_after:
-        chain = PARTITIONED_ORDER[: PARTITIONED_ORDER.index(args.stop_after) + 1]
+    materialize(defs, plain, None, instance)
     for key in keys:
-        materialize(chain, key, instance, args.config)
+        materialize(defs, chain, key, instance)
     print("\nOutputs:")
-    for stage in ["source_rows"] + PARTITIONED_ORDER:
+    for stage in plain + partitioned:
         path = cfg.stage_dir(stage)
         if path.exists():
             print(f"  {stage:18s} {path.resolve()}")
@@ -100,10 +117,18 @@ def cmd_demo(args, cfg: PipelineConfig) -> None:
 
 
 def cmd_materialize(args, cfg: PipelineConfig) -> None:
+    from distill_pipeline.definitions import build_defs
+
+    defs = build_defs(args.config)
     instance = dagster_instance(cfg)
     register_prompt_versions(cfg, instance)
-    select = args.assets or (["source_rows"] if args.partition is None else PARTITIONED_ORDER)
-    materialize(select, args.partition, instance, args.config)
+    select = args.assets
+    if not select:
+        plain, partitioned = asset_chain(defs)
+        select = plain if args.partition is None else partitioned
+        print(f"no assets named: materializing {'the export' if args.partition is None else 'the chain of ' + args.partition} "
+              f"({', '.join(select)}); name assets to choose", flush=True)
+    materialize(defs, select, args.partition, instance)
 
 
 def cmd_seed(args, cfg: PipelineConfig) -> None:
@@ -127,31 +152,21 @@ def cmd_check_config(args, cfg: PipelineConfig) -> None:
 
 def cmd_export(args, cfg: PipelineConfig) -> None:
     from distill_pipeline.clients.postgres import Database
-    from distill_pipeline.stages.export import export_source_rows, result_dict
+    from distill_pipeline.stages.source_rows import build_source_rows, result_dict
 
-    result = export_source_rows(Database.from_config(cfg), cfg.source, cfg.stage_dir("source_rows"))
-    print(json.dumps(result_dict(result), indent=2, default=str))
+    print(json.dumps(result_dict(build_source_rows(cfg, Database.from_config(cfg))), indent=2, default=str))
 
 
 def cmd_curate(args, cfg: PipelineConfig) -> None:
-    from distill_pipeline.stages.curate import curate_table, write_curated
-    from distill_pipeline.stages.labels import read_labels
+    from distill_pipeline.stages.curated_examples import build_curated_examples
 
-    result = curate_table(read_labels(cfg, args.prompt_version), cfg)
-    print(json.dumps(write_curated(result, cfg.stage_dir("curated_examples", args.prompt_version),
-                                   args.prompt_version), indent=2))
+    print(json.dumps(build_curated_examples(cfg, args.prompt_version)[1], indent=2))
 
 
 def cmd_split(args, cfg: PipelineConfig) -> None:
-    import pyarrow.parquet as pq
+    from distill_pipeline.stages.dataset_splits import build_dataset_splits
 
-    from distill_pipeline.stages.curate import EXAMPLES
-    from distill_pipeline.stages.split import write_splits
-
-    examples = pq.read_table(cfg.stage_dir("curated_examples", args.prompt_version) / EXAMPLES)
-    manifest = write_splits(examples, cfg.split, cfg.stage_dir("dataset_splits", args.prompt_version),
-                            args.prompt_version, curate=cfg.curate)
-    print(json.dumps(manifest, indent=2))
+    print(json.dumps(build_dataset_splits(cfg, args.prompt_version), indent=2))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -162,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="seed the demo table and materialize the whole graph")
     demo.add_argument("--rows", type=int, default=5000)
     demo.add_argument("--seed", type=int, default=7)
-    demo.add_argument("--stop-after", choices=PARTITIONED_ORDER, help="materialize the graph only up to this asset")
+    demo.add_argument("--stop-after", metavar="ASSET", help="materialize each prompt version only up to this asset")
     demo.set_defaults(func=cmd_demo)
     mat = sub.add_parser("materialize", help="materialize assets through Dagster")
     mat.add_argument("assets", nargs="*")
@@ -188,9 +203,10 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         cfg = load_config(args.config)
-    except ConfigError as exc:
-        sys.exit(f"distill: {exc}")
-    args.func(args, cfg)
+        args.func(args, cfg)
+    except (ConfigError, UserError) as exc:
+        print(f"distill: {exc}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

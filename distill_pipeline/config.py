@@ -20,6 +20,8 @@ from typing import Any, ClassVar, Literal, Mapping
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
+from distill_pipeline.masking import has_url_password, looks_secret
+
 DEFAULT_CONFIG_FILE = Path(__file__).parent / "demo" / "demo.yaml"
 ENV_PREFIX = "DISTILL__"
 
@@ -190,9 +192,7 @@ class SplitConfig(Section):
 class TeacherConfig(Section):
     """The teacher endpoint (any OpenAI-compatible chat-completions API) and what we may spend on it.
 
-    The default base_url is the demo teacher server (`python -m distill_pipeline.demo.teacher_server`),
-    so the demo needs no API key. The key itself is never in config: only the name of the
-    environment variable holding it.
+    The key itself is never in config: only the name of the environment variable holding it.
     """
 
     base_url: str = "http://127.0.0.1:8911/v1"
@@ -227,9 +227,9 @@ class TeacherConfig(Section):
     progress: bool = True
     # Asset check: warn when more than this share of labelled inputs failed, were invalid or over budget.
     max_bad_share: float = Field(0.05, ge=0, le=1)
-    # Demo only: each teacher_labels run starts the demo teacher server on a free loopback port and
-    # sends its requests there instead of base_url (answers come from the demo data, seed 7).
-    demo_server: bool = False
+    # openai: any OpenAI-compatible endpoint at base_url. demo: the demo's stand-in teacher, started for
+    # each teacher_labels run on a free loopback port (answers from the demo data); base_url is unused.
+    kind: Literal["openai", "demo"] = "openai"
 
     @field_validator("base_url")
     @classmethod
@@ -246,27 +246,7 @@ class TeacherConfig(Section):
         return v
 
 
-# Names of settings that carry credentials (they may reach a pod only as
-# `valueFrom.secretKeyRef`): matched on whole words, so HF_TOKEN is one but
-# TOKENIZERS_PARALLELISM or max_new_tokens are not.
-_SECRET_WORDS = {"password", "passwd", "pwd", "secret", "token", "apikey"}
-_SECRET_PAIR = re.compile(r"(^|_)(api|access|private|secret|auth)_key($|_)")
-# scheme://user:password@host -- a URL with an inline password.
-_URL_WITH_PASSWORD = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*://[^/@\s:]*:[^/@\s]+@")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-
-
-def secret_name(name: str) -> bool:
-    """True for a setting name that denotes a credential (HF_TOKEN, teacher.api_key, DATABASE_URL)."""
-    words = [w for w in re.split(r"[^a-z0-9]+", name.lower()) if w]
-    joined = "_".join(words)
-    return (any(w.endswith(("password", "passwd", "token", "secret")) or w in _SECRET_WORDS for w in words)
-            or bool(_SECRET_PAIR.search(joined)) or joined == "database_url")
-
-
-def looks_secret(name: str, value: str | None = None) -> bool:
-    """True for a setting that must not appear in logs, params or a pod spec."""
-    return secret_name(name) or bool(value and _URL_WITH_PASSWORD.match(str(value)))
 
 
 class LocalComputeConfig(Section):
@@ -350,7 +330,7 @@ class KubernetesComputeConfig(Section):
                 raise ValueError(f"compute.kubernetes.secret_env: {name!r} is not an environment variable name")
             if name in self.env:
                 raise ValueError(f"compute.kubernetes: {name} is set both in env and in secret_env")
-        if self.tracking_uri and _URL_WITH_PASSWORD.match(self.tracking_uri):
+        if has_url_password(self.tracking_uri):
             raise ValueError(
                 "compute.kubernetes.tracking_uri has a password in it; use secret_env "
                 "MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_URI from a Secret)"
@@ -549,6 +529,13 @@ def _env_overrides(env: Mapping[str, str]) -> dict[str, tuple[list[str], Any, st
     return out
 
 
+def resolve_config_file(path: str | os.PathLike | None = None, env: Mapping[str, str] | None = None) -> Path:
+    """The config file every part of the pipeline reads: `path` (--config), else $DISTILL_CONFIG, else the
+    shipped demo config. Absolute, so a worker started in another directory reads the same file."""
+    env = os.environ if env is None else env
+    return Path(path or env.get("DISTILL_CONFIG") or DEFAULT_CONFIG_FILE).resolve()
+
+
 def load_config(path: str | os.PathLike | None = None, env: Mapping[str, str] | None = None) -> PipelineConfig:
     """Load the YAML config at `path` (default: $DISTILL_CONFIG, else the shipped demo config).
 
@@ -557,7 +544,7 @@ def load_config(path: str | os.PathLike | None = None, env: Mapping[str, str] | 
     and against the file's folder for `prompts_dir`.
     """
     env = os.environ if env is None else env
-    path = Path(path or env.get("DISTILL_CONFIG") or DEFAULT_CONFIG_FILE)
+    path = resolve_config_file(path, env)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist (set DISTILL_CONFIG or pass --config)")
     try:

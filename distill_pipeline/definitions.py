@@ -1,24 +1,36 @@
-"""The Dagster code location: every stage's definitions merged, plus the resources they share."""
+"""The Dagster code location: the assets, what starts them, and the resources they share.
+
+`build_defs(config_file)` is the one place where implementations are chosen: every resource reads
+the same config file (the CLI's --config, else $DISTILL_CONFIG, else the demo config), and the
+teacher is the team's endpoint or the demo's stand-in, as that config says.
+"""
+
+from __future__ import annotations
 
 import dagster as dg
 
-from distill_pipeline.defs import data, schedules, teacher, training
-from distill_pipeline.defs.resources import PostgresResource, SettingsResource
-from distill_pipeline.defs.teacher import TeacherResource
-from distill_pipeline.defs.training import ComputeResource, MlflowResource
+from distill_pipeline.defs import assets, automation
+from distill_pipeline.defs.resources import (ComputeResource, DemoTeacherResource, MlflowResource,
+                                             OpenAITeacherResource, PostgresResource, SettingsResource)
 
-settings = SettingsResource()
 
-defs = dg.Definitions.merge(
-    data.defs,
-    teacher.defs,
-    training.defs,
-    schedules.defs,
-    dg.Definitions(resources={
-        "settings": settings,
-        "postgres": PostgresResource(settings=settings),
-        "teacher": TeacherResource.from_env(),  # API key via EnvVar, only when the variable is set
-        "compute": ComputeResource(settings=settings),  # local subprocess or Kubernetes pod, through Pipes
-        "mlflow": MlflowResource(settings=settings),
-    }),
-)
+def build_defs(config_file: str | None = None) -> dg.Definitions:
+    settings = SettingsResource(config_file=config_file)
+    teacher_cfg = settings.load().teacher
+    teacher = DemoTeacherResource() if teacher_cfg.kind == "demo" else OpenAITeacherResource.from_env(teacher_cfg.api_key_env)
+    return dg.Definitions(
+        assets=dg.load_assets_from_modules([assets]),
+        jobs=[automation.export_job, automation.refresh_job],
+        schedules=[automation.nightly_schedule],
+        sensors=[automation.prompt_versions_sensor, automation.refresh_after_export],
+        resources={
+            "settings": settings,
+            "postgres": PostgresResource(settings=settings),
+            "teacher": teacher,
+            "compute": ComputeResource(settings=settings),  # local subprocess or Kubernetes pod, through Pipes
+            "mlflow": MlflowResource(settings=settings),
+        },
+    )
+
+
+defs = build_defs()

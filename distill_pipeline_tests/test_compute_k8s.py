@@ -18,8 +18,9 @@ import pytest
 import yaml
 from dagster_pipes import decode_param
 
-from distill_pipeline.clients import compute as compute_mod
-from distill_pipeline.clients.compute import CONFIG_YAML_ENV, KubernetesCompute, TrainJob, pull_dir, push_dir
+from distill_pipeline.clients import object_store
+from distill_pipeline.clients.compute import CONFIG_YAML_ENV, KubernetesCompute, TrainJob
+from distill_pipeline.clients.object_store import pull_dir, push_dir
 from distill_pipeline.config import ConfigError, load_config
 
 PV = "sec-events-v1-0a1b2c3d"
@@ -192,7 +193,7 @@ def test_pod_spec_sent_to_the_cluster(tmp_path, monkeypatch):
 
     # The worker runs through the pod wrapper, on pod paths, one process per GPU.
     cmd = container["command"]
-    assert cmd[:4] == ["python", "-m", "distill_pipeline.clients.compute", "pod"]
+    assert cmd[:3] == ["python", "-m", "distill_pipeline.workers.pod"]
     assert cmd[cmd.index("--splits-dir") + 1] == f"/mnt/distill/artifacts/dataset_splits/{PV}"
     assert cmd[cmd.index("--output-dir") + 1] == f"/mnt/distill/artifacts/student_adapter/{PV}"
     assert cmd[cmd.index("--num-processes") + 1] == "2"
@@ -295,7 +296,7 @@ def test_object_store_layout_and_sync(tmp_path, monkeypatch):
     assert not any("persistentVolumeClaim" in v for v in spec["volumes"])
 
     # What the Dagster side uploads and the pod downloads (file:// stands in for s3://).
-    uri = compute_mod.object_uri(store.as_uri(), cfg.home, job.splits_dir)
+    uri = object_store.object_uri(store.as_uri(), cfg.home, job.splits_dir)
     push_dir(job.splits_dir, uri)
     scratch = tmp_path / "scratch"
     assert pull_dir(uri, scratch)

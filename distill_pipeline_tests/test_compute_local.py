@@ -14,7 +14,9 @@ from pathlib import Path
 
 import dagster as dg
 
-from distill_pipeline.clients.compute import LocalCompute, TrainJob, pod_config_yaml, pod_main, push_dir, worker_command
+from distill_pipeline.clients.compute import LocalCompute, TrainJob, pod_config_yaml, worker_command
+from distill_pipeline.clients.object_store import push_dir
+from distill_pipeline.workers.pod import main as pod_main
 from distill_pipeline.config import LocalComputeConfig, load_config
 
 REPO = Path(__file__).resolve().parent.parent
@@ -46,10 +48,10 @@ def _materialize(backend, job):
 
 def test_command_shapes():
     common = dict(python="py", config_file="c.yaml", prompt_version="pv", splits_dir="s", output_dir="o")
-    one = worker_command(num_processes=1, use_cpu=False, **common)
+    one = worker_command(num_processes=1, **common)
     assert one == ["py", "-m", "distill_pipeline.workers.train", "--config", "c.yaml", "--prompt-version", "pv",
                    "--splits-dir", "s", "--output-dir", "o"]
-    many = worker_command(num_processes=4, use_cpu=False, port=29512, **common)
+    many = worker_command(num_processes=4, port=29512, **common)
     assert many[:3] == ["py", "-m", "accelerate.commands.launch"]
     assert many[many.index("--num_processes") + 1] == "4" and "--multi_gpu" in many and "--cpu" not in many
     assert many[many.index("--main_process_port") + 1] == "29512"
@@ -128,7 +130,7 @@ def test_pod_wrapper_stages_out_after_sigterm(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("DAGSTER_PIPES")}
     env.update(DISTILL_CONFIG_YAML=pod_config_yaml(cfg), PROBE_WAIT_FOR_SIGTERM="1")
     wrapper = subprocess.Popen(
-        [sys.executable, "-m", "distill_pipeline.clients.compute", "pod", "--prompt-version", PV,
+        [sys.executable, "-m", "distill_pipeline.workers.pod", "--prompt-version", PV,
          "--splits-dir", str(pod_home / "artifacts" / "dataset_splits" / PV), "--output-dir", str(out),
          "--cpu", "--object-store-root", store, "--home", str(pod_home), "--module", PROBE],
         cwd=REPO, env=env)

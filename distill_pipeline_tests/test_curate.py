@@ -8,9 +8,9 @@ import pyarrow as pa
 
 from distill_pipeline.clients.postgres import Database
 from distill_pipeline.config import load_config
-from distill_pipeline.stages.curate import curate_table, text_key
+from distill_pipeline.stages.curated_examples import curate_table, text_key
 from distill_pipeline.stages.dedup import jaccard
-from distill_pipeline.stages.export import export_source_rows, read_source_rows
+from distill_pipeline.stages.source_rows import export_source_rows, read_source_rows
 
 T0 = datetime(2026, 3, 1, tzinfo=timezone.utc)
 EVENT = json.dumps({"event_type": "layoffs", "subject": "Apex Inc.", "object": None, "magnitude_class": "major",

@@ -8,7 +8,7 @@ import pytest
 
 from distill_pipeline.demo.data import generate_rows
 from distill_pipeline.stages import dedup
-from distill_pipeline.stages.curate import normalize
+from distill_pipeline.stages.curated_examples import normalize
 from distill_pipeline.stages.dedup import (
     exact_jaccard_pairs,
     find_near_duplicates,

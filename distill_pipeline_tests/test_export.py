@@ -16,7 +16,7 @@ import pytest
 from distill_pipeline.clients.postgres import Database
 from distill_pipeline.config import load_config
 from distill_pipeline.demo.seed import seed_demo_table
-from distill_pipeline.stages.export import build_query, export_source_rows, read_manifest, read_source_rows
+from distill_pipeline.stages.source_rows import build_query, export_source_rows, read_manifest, read_source_rows
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -92,7 +92,7 @@ def test_killed_export_then_rerun_equals_one_clean_run(db_url, distill_home, tmp
     stage = cfg.stage_dir("source_rows")
     code = ("import sys; from pathlib import Path; from distill_pipeline.clients.postgres import Database;"
             "from distill_pipeline.config import load_config;"
-            "from distill_pipeline.stages.export import export_source_rows;"
+            "from distill_pipeline.stages.source_rows import export_source_rows;"
             "cfg = load_config(); export_source_rows(Database(sys.argv[1]), cfg.source, Path(sys.argv[2]))")
     env = {**os.environ, "DISTILL_HOME": str(distill_home), "DISTILL__SOURCE__SHARD_ROWS": "2048",
            "DISTILL__SOURCE__PARALLEL_STREAMS": "1"}

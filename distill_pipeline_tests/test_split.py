@@ -8,8 +8,9 @@ from datasets import load_from_disk
 
 from distill_pipeline.config import load_config
 from distill_pipeline.demo.data import generate_rows, source_table
-from distill_pipeline.stages.curate import curate_table
-from distill_pipeline.stages.split import (assign_splits, check_label_balance, check_leakage, leakage_units,
+from distill_pipeline.stages.curated_examples import curate_table
+from distill_pipeline.stages.checks import check_label_balance, check_leakage
+from distill_pipeline.stages.dataset_splits import (assign_splits, leakage_units,
                                            load_assignments, read_splits, write_splits)
 
 CFG = load_config(env={})
@@ -75,7 +76,7 @@ def test_written_splits_and_datasetdict(tmp_path):
     dd = load_from_disk(str(out / "hf"))
     assert set(dd) == {"train", "validation", "test"} and dd["validation"].num_rows == parts["val"].num_rows
     assert check_label_balance(parts, CFG.split.max_label_share_gap)[0]
-    ok, detail = check_leakage(parts, CFG.curate)
+    ok, detail = check_leakage(parts, CFG.curate.near_duplicate_threshold, CFG.curate.shingle_size)
     assert ok, detail
 
 
@@ -86,7 +87,7 @@ def test_leakage_check_fails_on_a_planted_near_duplicate_pair():
         "val": ["Apex Inc. completed the acquisition of Birch LLC for $410 million on May 2, 2025"],
         "test": ["The Board appointed Jane Alvarez as Chief Financial Officer, effective June 1, 2025."],
     })
-    ok, detail = check_leakage(parts, CFG.curate)
+    ok, detail = check_leakage(parts, CFG.curate.near_duplicate_threshold, CFG.curate.shingle_size)
     assert not ok and detail["near_duplicate_pairs_across_splits"] == 1
     assert sorted(detail["examples"][0]["splits"]) == ["train", "val"]
 
@@ -96,13 +97,13 @@ def test_leakage_check_reports_every_crossing_pair_and_none_within_a_split():
     other = "The Board appointed Jane Alvarez as Chief Financial Officer, effective June 1, 2025."
     parts = read_splits_like({"train": [base, other], "val": ["an unrelated sentence about quarterly dividends."],
                               "test": [base.replace("400", "410"), other]})
-    ok, detail = check_leakage(parts, CFG.curate)
+    ok, detail = check_leakage(parts, CFG.curate.near_duplicate_threshold, CFG.curate.shingle_size)
     assert not ok and detail["near_duplicate_pairs_across_splits"] == 2
     assert {tuple(sorted(e["splits"])) for e in detail["examples"]} == {("test", "train")}
     assert {e["jaccard"] for e in detail["examples"]} >= {1.0}
     together = read_splits_like({"train": [base, base.replace("400", "410")], "val": [other, other],
                                  "test": ["an unrelated sentence about quarterly dividends."]})
-    assert check_leakage(together, CFG.curate)[0]
+    assert check_leakage(together, CFG.curate.near_duplicate_threshold, CFG.curate.shingle_size)[0]
 
 
 def test_clusters_joined_by_a_near_duplicate_pair_share_a_split(tmp_path):
@@ -122,7 +123,7 @@ def test_clusters_joined_by_a_near_duplicate_pair_share_a_split(tmp_path):
     manifest = write_splits(table, CFG.split, out, "pv", curate=CFG.curate)
     assigned = load_assignments(out)
     assert assigned[keys[i]] == assigned[keys[j]] and manifest["clusters_merged_for_leakage"] == 1
-    assert check_leakage(read_splits(out), CFG.curate)[0]
+    assert check_leakage(read_splits(out), CFG.curate.near_duplicate_threshold, CFG.curate.shingle_size)[0]
 
 
 def test_merged_clusters_follow_the_unit_keys_previous_split():
@@ -142,14 +143,14 @@ def test_curated_demo_data_splits_without_leakage(tmp_path):
     curated = curate_table(source_table(list(generate_rows(5000, seed=7))), CFG)
     out = tmp_path / "splits"
     write_splits(curated.examples, CFG.split, out, "pv", curate=CFG.curate)
-    ok, detail = check_leakage(read_splits(out), CFG.curate)
+    ok, detail = check_leakage(read_splits(out), CFG.curate.near_duplicate_threshold, CFG.curate.shingle_size)
     assert ok, detail
 
 
 def test_leakage_check_fails_when_a_cluster_key_spans_two_splits():
     parts = read_splits_like({"train": ["alpha beta gamma delta"], "val": ["completely different words here"],
                               "test": ["and a third unrelated sentence"]}, same_key=True)
-    ok, detail = check_leakage(parts, CFG.curate)
+    ok, detail = check_leakage(parts, CFG.curate.near_duplicate_threshold, CFG.curate.shingle_size)
     assert not ok and detail["clusters_in_two_splits"] == 1
 
 

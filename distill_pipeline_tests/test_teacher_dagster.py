@@ -13,11 +13,13 @@ from distill_pipeline.clients.postgres import Database
 from distill_pipeline.config import DEFAULT_CONFIG_FILE
 from distill_pipeline.defs.partitions import prompt_versions
 from distill_pipeline.defs.resources import PostgresResource, SettingsResource
-from distill_pipeline.defs.teacher import TeacherResource, defs as teacher_defs, prompt_versions_sensor
+from distill_pipeline.defs.assets import teacher_labels
+from distill_pipeline.defs.automation import prompt_versions_sensor
+from distill_pipeline.defs.resources import OpenAITeacherResource as TeacherResource
 from distill_pipeline.demo.seed import seed_demo_table
 from distill_pipeline.demo.teacher_server import demo_answers, start_teacher_server
-from distill_pipeline.stages.export import export_source_rows
-from distill_pipeline.stages.labels import labels_path, read_labels
+from distill_pipeline.stages.source_rows import export_source_rows
+from distill_pipeline.stages.teacher_labels import labels_path, read_labels
 from distill_pipeline_tests.test_teacher_labels import cache_rows, load, write_config
 
 DEMO_PROMPTS = DEFAULT_CONFIG_FILE.parent / "prompts"
@@ -34,7 +36,7 @@ def label_summary(context: dg.AssetExecutionContext, settings: SettingsResource)
 def build_defs(config: Path, teacher: TeacherResource) -> dg.Definitions:
     settings = SettingsResource(config_file=str(config))
     resources = {"settings": settings, "postgres": PostgresResource(settings=settings), "teacher": teacher}
-    return dg.Definitions.merge(teacher_defs, dg.Definitions(assets=[label_summary], resources=resources))
+    return dg.Definitions(assets=[teacher_labels, label_summary], sensors=[prompt_versions_sensor], resources=resources)
 
 
 def prepare(tmp_path: Path, db_url: str, base_url: str):

@@ -17,7 +17,7 @@ from distill_pipeline.clients.postgres import Database
 from distill_pipeline.config import DEFAULT_CONFIG_FILE, load_config
 from distill_pipeline.demo.data import generate_rows, source_table
 from distill_pipeline.demo.teacher_server import Faults, demo_answers, start_teacher_server
-from distill_pipeline.stages.labels import hash_input, label_partition, read_labels
+from distill_pipeline.stages.teacher_labels import hash_input, label_partition, read_labels
 from distill_pipeline.stages.prompts import load_prompts
 
 ROWS, SEED = 300, 11

@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 
 from distill_pipeline.clients.postgres import Database
 from distill_pipeline.demo.teacher_server import demo_answers, start_teacher_server
-from distill_pipeline.stages.labels import label_partition, read_labels
+from distill_pipeline.stages.teacher_labels import label_partition, read_labels
 from distill_pipeline_tests.conftest import REPO
 from distill_pipeline_tests.test_teacher_labels import demo_table, demo_versions, load, write_config
 
@@ -24,7 +24,7 @@ import sys
 import pyarrow.parquet as pq
 from distill_pipeline.clients.postgres import Database
 from distill_pipeline.config import load_config
-from distill_pipeline.stages.labels import label_partition
+from distill_pipeline.stages.teacher_labels import label_partition
 from distill_pipeline.stages.prompts import load_prompts
 
 cfg = load_config(sys.argv[1], env={})

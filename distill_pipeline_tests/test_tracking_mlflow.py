@@ -132,7 +132,7 @@ def test_tracker_from_env_is_null_without_a_run_or_off_rank_zero():
 
 
 def test_secret_names_are_whole_words():
-    from distill_pipeline.config import secret_name
+    from distill_pipeline.masking import is_secret_name as secret_name
 
     for name in ("HF_TOKEN", "PGPASSWORD", "teacher.api_key", "AWS_SECRET_ACCESS_KEY", "DATABASE_URL",
                  "MLFLOW_TRACKING_TOKEN", "OPENAI_APIKEY"):

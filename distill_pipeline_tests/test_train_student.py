@@ -9,7 +9,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from distill_pipeline.clients.tracking import file_sha256
-from distill_pipeline.stages import student_model, student_trainer, train
+from distill_pipeline.stages import student_model, student_trainer, student_training
 from distill_pipeline_tests.train_support import (  # noqa: F401
     config_for,
     demo_split_rows,
@@ -50,7 +50,7 @@ def test_training_changes_the_adapter_and_never_the_base(tmp_path, tiny_models, 
     cfg = config_for(tmp_path, base_dir, max_steps=3, eval_steps=3, learning_rate=1e-2)
     tracker, events = RecordingTracker(), []
 
-    result, model = train.fit(cfg, splits, tmp_path / "out", tracker=tracker,
+    result, model = student_training.fit(cfg, splits, tmp_path / "out", tracker=tracker,
                               report=lambda kind, data: events.append(kind))
 
     assert result.steps == result.max_steps == 3 and result.resumed_from_step is None
@@ -80,7 +80,7 @@ def test_training_changes_the_adapter_and_never_the_base(tmp_path, tiny_models, 
     with torch.no_grad():
         torch.testing.assert_close(reloaded(input_ids=ids).logits, model.eval()(input_ids=ids).logits)
 
-    saved = json.loads((tmp_path / "out" / train.RESULT).read_text())
+    saved = json.loads((tmp_path / "out" / student_training.RESULT).read_text())
     assert saved["steps"] == 3 and saved["adapter_dir"] == str(result.adapter_dir)
     assert {"start", "progress", "checkpoint", "done"} <= set(events)
     logged = {k for _, metrics in tracker.metrics for k in metrics}
@@ -93,7 +93,7 @@ def test_loss_falls_on_a_repeated_batch(tmp_path, tiny_models):  # noqa: F811
     splits = write_splits(tmp_path / "splits", rows[:2], rows[2:])
     cfg = config_for(tmp_path, tiny_models["llama"], max_steps=6, eval_steps=6, learning_rate=1e-2,
                      lora={"r": 8, "alpha": 16}, early_stopping_patience=None)
-    result = train.train_student(cfg, splits, tmp_path / "out")
+    result = student_training.train_student(cfg, splits, tmp_path / "out")
     losses = [loss for _, loss in result.train_losses]
     assert len(losses) == 6
     assert losses[-1] < losses[0] - 1.0, losses
@@ -105,7 +105,7 @@ def test_early_stopping_ends_training_before_max_steps(tmp_path, tiny_models):  
     # No improvement can beat a threshold of 100, so the second evaluation exhausts patience 1.
     cfg = config_for(tmp_path, tiny_models["qwen2"], max_steps=20, eval_steps=1, micro_batch_size=1,
                      early_stopping_patience=1, early_stopping_threshold=100.0)
-    result = train.train_student(cfg, splits, tmp_path / "out")
+    result = student_training.train_student(cfg, splits, tmp_path / "out")
     assert result.stopped_early and result.steps == 2 and result.max_steps == 20
     best_step = min(result.val_losses, key=lambda sv: sv[1])[0]
     assert result.best_checkpoint.name == f"checkpoint-{best_step}"
@@ -117,7 +117,7 @@ def test_padded_batches_without_packing_train_too(tmp_path, tiny_models):  # noq
     splits = demo_splits(tmp_path / "splits", n_train=6, n_val=2)
     cfg = config_for(tmp_path, tiny_models["llama"], max_steps=2, eval_steps=2, packing=False,
                      micro_batch_size=3, lora={"target_modules": ["q_proj", "v_proj"]})
-    result = train.train_student(cfg, splits, tmp_path / "out")
+    result = student_training.train_student(cfg, splits, tmp_path / "out")
     assert result.steps == 2 and result.train_tokens > 0
     config = json.loads((result.adapter_dir / student_model.ADAPTER_CONFIG).read_text())
     assert sorted(config["target_modules"]) == ["q_proj", "v_proj"]
@@ -125,7 +125,7 @@ def test_padded_batches_without_packing_train_too(tmp_path, tiny_models):  # noq
 
 
 def _checkpoint(root, step, complete=True):
-    path = root / train.CHECKPOINTS / f"checkpoint-{step}"
+    path = root / student_training.CHECKPOINTS / f"checkpoint-{step}"
     path.mkdir(parents=True)
     (path / student_model.ADAPTER_WEIGHTS).write_bytes(b"x")
     if complete:
@@ -136,24 +136,24 @@ def _checkpoint(root, step, complete=True):
 def test_resume_keeps_only_complete_checkpoints_of_the_same_run(tmp_path):
     out = tmp_path / "out"
     _checkpoint(out, 2)
-    train._prepare_output(out, "fp-1", resume=True)  # checkpoints of unknown origin are not resumed
-    assert train.last_checkpoint(out) is None
+    student_training._prepare_output(out, "fp-1", resume=True)  # checkpoints of unknown origin are not resumed
+    assert student_training.last_checkpoint(out) is None
     _checkpoint(out, 2)
     _checkpoint(out, 4)
     partial = _checkpoint(out, 6, complete=False)  # killed while saving
-    notes = train._prepare_output(out, "fp-1", resume=True)
+    notes = student_training._prepare_output(out, "fp-1", resume=True)
     assert not partial.exists() and any("incomplete checkpoint checkpoint-6" in n for n in notes)
-    assert train.last_checkpoint(out).name == "checkpoint-4"
+    assert student_training.last_checkpoint(out).name == "checkpoint-4"
     # Same settings and data, unfinished: kept. Different fingerprint: removed.
-    train._prepare_output(out, "fp-1", resume=True)
-    assert train.last_checkpoint(out).name == "checkpoint-4"
-    notes = train._prepare_output(out, "fp-2", resume=True)
-    assert train.last_checkpoint(out) is None and "settings or data changed" in notes[0]
+    student_training._prepare_output(out, "fp-1", resume=True)
+    assert student_training.last_checkpoint(out).name == "checkpoint-4"
+    notes = student_training._prepare_output(out, "fp-2", resume=True)
+    assert student_training.last_checkpoint(out) is None and "settings or data changed" in notes[0]
     # A finished run is not resumed: a new materialization trains again from the start.
     _checkpoint(out, 8)
-    train._update_state(out, completed=True)
-    notes = train._prepare_output(out, "fp-2", resume=True)
-    assert train.last_checkpoint(out) is None and "the last run finished" in notes[0]
+    student_training._update_state(out, completed=True)
+    notes = student_training._prepare_output(out, "fp-2", resume=True)
+    assert student_training.last_checkpoint(out) is None and "the last run finished" in notes[0]
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
@@ -186,7 +186,7 @@ def test_answer_only_logits_give_the_same_loss_and_gradients(tiny_models, arch):
 def test_training_on_a_gpu_uses_bfloat16_base_and_float32_adapter(tmp_path, tiny_models):  # noqa: F811
     splits = demo_splits(tmp_path / "splits", n_train=8, n_val=2)
     cfg = config_for(tmp_path, tiny_models["qwen2"], max_steps=2, eval_steps=2, dtype="auto")
-    result, model = train.fit(cfg, splits, tmp_path / "out")
+    result, model = student_training.fit(cfg, splits, tmp_path / "out")
     params = dict(model.named_parameters())
     base = next(p for n, p in params.items() if "lora_" not in n and p.ndim == 2)
     lora = next(p for n, p in params.items() if "lora_B" in n)
@@ -200,7 +200,7 @@ def test_training_on_a_gpu_uses_bfloat16_base_and_float32_adapter(tmp_path, tiny
 def test_epoch_mode_evaluates_and_checkpoints_at_every_epoch_end(tmp_path, tiny_models):  # noqa: F811
     splits = demo_splits(tmp_path / "splits", n_train=6, n_val=2)
     cfg = config_for(tmp_path, tiny_models["llama"], epochs=2, micro_batch_size=1, max_seq_len=256)
-    result = train.train_student(cfg, splits, tmp_path / "out")
+    result = student_training.train_student(cfg, splits, tmp_path / "out")
     per_epoch = result.max_steps // 2
     assert result.epochs == 2 and result.steps == result.max_steps
     assert [step for step, _ in result.val_losses] == [per_epoch, 2 * per_epoch]

@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM
 
 from distill_pipeline.clients.compute import free_port, worker_command, worker_env
 from distill_pipeline.config import load_config
-from distill_pipeline.stages import student_model, train
+from distill_pipeline.stages import student_model, student_training
 from distill_pipeline_tests.train_support import (  # noqa: F401
     config_for,
     demo_splits,
@@ -37,7 +37,7 @@ def _env(**extra):
 
 
 def _command(cfg_path, splits, out, num_processes=1):
-    return worker_command(python=sys.executable, num_processes=num_processes, use_cpu=True,
+    return worker_command(python=sys.executable, num_processes=num_processes,
                           config_file=str(cfg_path), prompt_version=PV, splits_dir=str(splits),
                           output_dir=str(out), port=free_port() if num_processes > 1 else None)
 
@@ -58,7 +58,7 @@ def test_killed_run_resumes_from_its_last_checkpoint(tmp_path, tiny_models):  # 
     deadline = time.time() + 120
     seen = None
     while time.time() < deadline and first.poll() is None:
-        seen = train.last_checkpoint(out)
+        seen = student_training.last_checkpoint(out)
         if seen is not None:
             break
         time.sleep(0.05)
@@ -67,7 +67,7 @@ def test_killed_run_resumes_from_its_last_checkpoint(tmp_path, tiny_models):  # 
     first.wait(timeout=30)
     log = first.stdout.read()
     assert first.returncode == -signal.SIGKILL, log
-    seen_step = train.checkpoint_step(seen)
+    seen_step = student_training.checkpoint_step(seen)
     assert seen_step < total
 
     second = subprocess.run(_command(cfg_path, splits, out), env=_env(), capture_output=True, text=True,
@@ -83,20 +83,20 @@ def test_killed_run_resumes_from_its_last_checkpoint(tmp_path, tiny_models):  # 
     progress_steps = [int(line.split("step ")[1].split("/")[0]) for line in second.stdout.splitlines()
                       if "] step " in line and "loss=" in line and "eval_loss" not in line]
     assert progress_steps and min(progress_steps) == resumed + 1 and max(progress_steps) == total
-    state = json.loads((train.last_checkpoint(out) / "trainer_state.json").read_text())
+    state = json.loads((student_training.last_checkpoint(out) / "trainer_state.json").read_text())
     assert state["global_step"] == total
-    assert student_model.check_adapter_keys(out / train.ADAPTER) == []
+    assert student_model.check_adapter_keys(out / student_training.ADAPTER) == []
 
     # Resuming restored weights, optimizer, schedule, RNG and data order: the adapter is the one an
     # uninterrupted run gives.
-    reference = train.train_student(load_config(cfg_path, env={}), splits, tmp_path / "reference")
-    resumed_weights = load_file(out / train.ADAPTER / student_model.ADAPTER_WEIGHTS)
+    reference = student_training.train_student(load_config(cfg_path, env={}), splits, tmp_path / "reference")
+    resumed_weights = load_file(out / student_training.ADAPTER / student_model.ADAPTER_WEIGHTS)
     reference_weights = load_file(reference.adapter_dir / student_model.ADAPTER_WEIGHTS)
     assert resumed_weights.keys() == reference_weights.keys()
     for key, tensor in reference_weights.items():
         torch.testing.assert_close(resumed_weights[key], tensor, rtol=0, atol=1e-6, msg=key)
     assert [loss for _, loss in reference.val_losses] == pytest.approx(
-        [loss for _, loss in json.loads((out / train.RESULT).read_text())["val_losses"]], abs=1e-6)
+        [loss for _, loss in json.loads((out / student_training.RESULT).read_text())["val_losses"]], abs=1e-6)
 
 
 def test_two_process_data_parallel_training_gives_a_loadable_adapter(tmp_path, tiny_models):  # noqa: F811
@@ -113,11 +113,11 @@ def test_two_process_data_parallel_training_gives_a_loadable_adapter(tmp_path, t
     meta = _final_metadata(done.stdout)
     assert meta["world_size"] == 2 and meta["steps"] == 2
     # Two ranks x 1 packed row x 2 steps: both ranks' tokens are counted.
-    result = json.loads((out / train.RESULT).read_text())
+    result = json.loads((out / student_training.RESULT).read_text())
     assert result["world_size"] == 2 and result["epochs"] > 0
     assert done.stdout.count("] start:") == 1  # only rank 0 reports
 
-    adapter = out / train.ADAPTER
+    adapter = out / student_training.ADAPTER
     assert student_model.check_adapter_keys(adapter) == []
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_models["qwen2"]), adapter)
     assert any("lora_B" in n and p.abs().max() > 0 for n, p in model.named_parameters())
@@ -125,5 +125,5 @@ def test_two_process_data_parallel_training_gives_a_loadable_adapter(tmp_path, t
     # The distributed validation loss is the exact token-weighted mean a single process computes.
     (tmp_path / "single").mkdir()
     cfg = config_for(tmp_path / "single", tiny_models["qwen2"], **{**settings, "max_steps": 1, "eval_steps": 1})
-    single = train.train_student(cfg, splits, tmp_path / "single" / "out")
+    single = student_training.train_student(cfg, splits, tmp_path / "single" / "out")
     assert single.initial_val_loss == pytest.approx(result["initial_val_loss"], rel=1e-6)

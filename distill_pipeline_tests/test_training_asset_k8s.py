@@ -16,8 +16,9 @@ import yaml
 from distill_pipeline.clients import tracking
 from distill_pipeline.config import load_config
 from distill_pipeline.defs.resources import SettingsResource
-from distill_pipeline.defs.training import ComputeResource, MlflowResource, student_adapter
-from distill_pipeline.stages import split
+from distill_pipeline.defs.assets import student_adapter
+from distill_pipeline.defs.resources import ComputeResource, MlflowResource
+from distill_pipeline.stages import dataset_splits
 from distill_pipeline_tests.test_compute_k8s import FakeKubernetes
 from distill_pipeline_tests.train_support import (  # noqa: F401
     demo_split_rows,
@@ -48,7 +49,7 @@ def test_student_adapter_on_the_fake_cluster(tmp_path, monkeypatch, tiny_models)
     cfg_path.write_text(yaml.safe_dump(data))
     cfg = load_config(cfg_path)
     uri = tracking.resolve_tracking_uri(cfg, env={})
-    split.write_splits(pa.Table.from_pylist(demo_split_rows(40, seed=5)), cfg.split,
+    dataset_splits.write_splits(pa.Table.from_pylist(demo_split_rows(40, seed=5)), cfg.split,
                        cfg.stage_dir("dataset_splits", PV), PV, curate=cfg.curate)
 
     fake = FakeKubernetes(home, script=None, secrets={("mlflow", "uri"): uri})

@@ -15,8 +15,9 @@ import yaml
 from distill_pipeline.clients import tracking
 from distill_pipeline.config import load_config
 from distill_pipeline.defs.resources import SettingsResource
-from distill_pipeline.defs.training import ComputeResource, MlflowResource, student_adapter
-from distill_pipeline.stages import split
+from distill_pipeline.defs.assets import student_adapter
+from distill_pipeline.defs.resources import ComputeResource, MlflowResource
+from distill_pipeline.stages import dataset_splits
 from distill_pipeline_tests.train_support import (  # noqa: F401
     demo_split_rows,
     demo_tokenizer_dir,
@@ -123,7 +124,7 @@ def test_materialize_student_adapter_on_a_tiny_model(tmp_path, monkeypatch, tiny
                              "early_stopping_patience": None})
     cfg = load_config(cfg_path, env={})
     examples = pa.Table.from_pylist(demo_split_rows(60, seed=3))
-    manifest = split.write_splits(examples, cfg.split, cfg.stage_dir("dataset_splits", PV), PV,
+    manifest = dataset_splits.write_splits(examples, cfg.split, cfg.stage_dir("dataset_splits", PV), PV,
                                   curate=cfg.curate)
 
     result = _materialize(cfg_path)

@@ -6,7 +6,7 @@ environment. dagster, dagster_k8s and kubernetes are imported inside functions o
 
 On Kubernetes the pod gets:
 - the pipeline config as YAML in $DISTILL_CONFIG_YAML (secret fields and the database
-  section left out), written to a file by `python -m distill_pipeline.clients.compute pod`,
+  section left out), written to a file by `python -m distill_pipeline.workers.pod`,
   which then starts the worker exactly as the local backend does;
 - DISTILL_HOME on shared storage: a PVC holding the same home the Dagster side uses, or
   local scratch synced with an object store (`object_store_root`) before and after;
@@ -18,29 +18,22 @@ On Kubernetes the pod gets:
 
 from __future__ import annotations
 
-import argparse
-import os
-import signal
 import socket
-import subprocess
 import sys
-import tempfile
 from abc import ABC, abstractmethod
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 import yaml
 
-from distill_pipeline.config import (
-    KubernetesComputeConfig,
-    LocalComputeConfig,
-    PipelineConfig,
-    looks_secret,
-)
+from distill_pipeline.clients.object_store import object_uri, pull_dir, push_dir
+from distill_pipeline.config import KubernetesComputeConfig, LocalComputeConfig, PipelineConfig
+from distill_pipeline.masking import looks_secret
 
 WORKER_MODULE = "distill_pipeline.workers.train"
+POD_MODULE = "distill_pipeline.workers.pod"
 CONFIG_YAML_ENV = "DISTILL_CONFIG_YAML"
 CONTAINER_NAME = "train"
 HOME_VOLUME = "distill-home"
@@ -62,7 +55,6 @@ def worker_command(
     *,
     python: str,
     num_processes: int,
-    use_cpu: bool,
     config_file: str,
     prompt_version: str,
     splits_dir: str,
@@ -120,6 +112,33 @@ class ComputeClient(ABC):
         """Plain settings for metadata and MLflow params (never a secret)."""
 
 
+@dataclass
+class WorkerReport:
+    """What the worker reported through Pipes: its materialization metadata, as plain values."""
+
+    metadata: dict[str, Any]
+
+
+class BoundCompute:
+    """A compute client bound to the Dagster context of one materialization: what a stage calls."""
+
+    def __init__(self, client: ComputeClient, context: Any):
+        self.client = client
+        self.context = context
+        self.backend = client.backend
+
+    def describe(self) -> dict[str, Any]:
+        return self.client.describe()
+
+    def run(self, job: TrainJob) -> WorkerReport:
+        invocation = self.client.run(self.context, job, extras={"mlflow_run_id": job.env.get("MLFLOW_RUN_ID"),
+                                                                "prompt_version": job.prompt_version})
+        metadata: dict[str, Any] = {}
+        for result in invocation.get_results():
+            metadata.update({k: getattr(v, "value", v) for k, v in (getattr(result, "metadata", None) or {}).items()})
+        return WorkerReport(metadata)
+
+
 class LocalCompute(ComputeClient):
     """The worker as a subprocess of the Dagster run (Pipes subprocess client)."""
 
@@ -136,7 +155,6 @@ class LocalCompute(ComputeClient):
         return worker_command(
             python=self.python,
             num_processes=self.cfg.num_processes,
-            use_cpu=self.cfg.use_cpu,
             config_file=str(Path(job.config_file).resolve()),
             prompt_version=job.prompt_version,
             splits_dir=str(Path(job.splits_dir).resolve()),
@@ -255,7 +273,7 @@ class KubernetesCompute(ComputeClient):
     def command(self, job: TrainJob) -> list[str]:
         """The container command: the pod wrapper, which starts the worker like the local backend."""
         cmd = [
-            "python", "-m", "distill_pipeline.clients.compute", "pod",
+            "python", "-m", POD_MODULE,
             "--prompt-version", job.prompt_version,
             "--splits-dir", str(self.pod_path(job, job.splits_dir)),
             "--output-dir", str(self.pod_path(job, job.output_dir)),
@@ -330,16 +348,6 @@ class KubernetesCompute(ComputeClient):
             meta["annotations"] = dict(k8s.annotations)
         return meta, spec
 
-    def pod_body(self, job: TrainJob, pod_name: str, pipes_env: Mapping[str, str]) -> dict[str, Any]:
-        """The JSON body of the create-pod request, built by dagster-k8s from our spec."""
-        import kubernetes
-        from dagster_k8s.pipes import build_pod_body
-
-        meta, spec = self.build_pod_spec(job)
-        pod = build_pod_body(pod_name=pod_name, image=None, command=None, env_vars=dict(pipes_env),
-                             base_pod_meta=meta, base_pod_spec=spec)
-        return kubernetes.client.ApiClient().sanitize_for_serialization(pod)
-
     def message_reader(self, job: TrainJob, run_id: str) -> Any:
         if self.cfg.message_reader == "logs":
             from dagster_k8s.pipes import PipesK8sPodLogsMessageReader
@@ -393,7 +401,7 @@ def shared_file_message_reader(local_path: str, pod_path: str) -> Any:
 
     Unlike the pod log stream it does not break on multi-hour runs.
     """
-    from dagster._core.pipes.utils import PipesFileMessageReader
+    from dagster import PipesFileMessageReader
     from dagster_pipes import PipesDefaultMessageWriter
 
     class SharedFileMessageReader(PipesFileMessageReader):
@@ -420,118 +428,3 @@ def compute_client(cfg: PipelineConfig, backend: str | None = None, tracking_uri
     if backend == "local":
         return LocalCompute(compute.local)
     return KubernetesCompute(compute.kubernetes, tracking_uri=tracking_uri)
-
-
-# --- object storage (pyarrow.fs: s3://, gs://, abfs://, file://) -----------------------------
-
-
-def object_uri(root: str, home: Path, local: Path) -> str:
-    rel = Path(local).resolve().relative_to(Path(home).resolve())
-    return root.rstrip("/") + "/" + "/".join(rel.parts)
-
-
-def _exists(uri: str) -> bool:
-    import pyarrow.fs as pafs
-
-    fs, path = pafs.FileSystem.from_uri(uri)
-    return fs.get_file_info(path).type != pafs.FileType.NotFound
-
-
-def push_dir(local: Path, uri: str) -> None:
-    import pyarrow.fs as pafs
-
-    fs, path = pafs.FileSystem.from_uri(uri)
-    fs.create_dir(path, recursive=True)
-    pafs.copy_files(str(Path(local).resolve()), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
-
-
-def pull_dir(uri: str, local: Path) -> bool:
-    """Copy a directory down; False when it does not exist."""
-    import pyarrow.fs as pafs
-
-    if not _exists(uri):
-        return False
-    fs, path = pafs.FileSystem.from_uri(uri)
-    Path(local).mkdir(parents=True, exist_ok=True)
-    pafs.copy_files(path, str(Path(local).resolve()), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
-    return True
-
-
-# --- inside the pod ---------------------------------------------------------------------------
-
-
-def pod_main(argv: Sequence[str] | None = None) -> int:
-    """`python -m distill_pipeline.clients.compute pod ...`: the container's command.
-
-    Writes the config shipped in $DISTILL_CONFIG_YAML to a file, stages data in from object
-    storage when configured, runs the worker, and stages its output (checkpoints included,
-    so a re-run resumes) back out even when training failed.
-    """
-    parser = argparse.ArgumentParser(prog="distill_pipeline.clients.compute pod")
-    parser.add_argument("--prompt-version", required=True)
-    parser.add_argument("--splits-dir", required=True)
-    parser.add_argument("--output-dir", required=True)
-    parser.add_argument("--num-processes", type=int, default=1)
-    parser.add_argument("--cpu", action="store_true")
-    parser.add_argument("--object-store-root")
-    parser.add_argument("--home")
-    parser.add_argument("--module", default=WORKER_MODULE)
-    args = parser.parse_args(argv)
-
-    if args.object_store_root and not args.home:
-        parser.error("--object-store-root needs --home (the pod's DISTILL_HOME on scratch)")
-    text = os.environ.get(CONFIG_YAML_ENV)
-    if not text:
-        print(f"{CONFIG_YAML_ENV} is not set: the pod has no pipeline config", file=sys.stderr)
-        return 2
-    with tempfile.TemporaryDirectory(prefix="distill-") as tmp:
-        config_file = Path(tmp) / "config.yaml"
-        config_file.write_text(text)
-        return _stage_and_train(args, config_file)
-
-
-def _stage_and_train(args: argparse.Namespace, config_file: Path) -> int:
-    splits, output = Path(args.splits_dir), Path(args.output_dir)
-    if args.object_store_root:
-        home = Path(args.home)
-        splits_uri = object_uri(args.object_store_root, home, splits)
-        if not pull_dir(splits_uri, splits):
-            print(f"no dataset splits at {splits_uri}", file=sys.stderr)
-            return 2
-        pull_dir(object_uri(args.object_store_root, home, output), output)  # earlier checkpoints: resume
-
-    cmd = worker_command(
-        python=sys.executable,
-        num_processes=args.num_processes,
-        use_cpu=args.cpu,
-        config_file=str(config_file),
-        prompt_version=args.prompt_version,
-        splits_dir=str(splits),
-        output_dir=str(output),
-        module=args.module,
-    )
-    rc = _run_forwarding_signals(cmd, {**os.environ, **worker_env(args.cpu)})
-    if args.object_store_root and output.exists():
-        push_dir(output, object_uri(args.object_store_root, Path(args.home), output))
-    return rc
-
-
-def _run_forwarding_signals(cmd: list[str], env: dict[str, str]) -> int:
-    """Run the worker; a SIGTERM to the pod (eviction, preemption) reaches it, and we still get to
-    stage its checkpoints out once it has stopped."""
-    proc = subprocess.Popen(cmd, env=env)
-    forward = lambda signum, frame: proc.send_signal(signum)  # noqa: E731
-    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        return proc.wait()
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
-if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] == "pod":
-        sys.exit(pod_main(sys.argv[2:]))
-    print("usage: python -m distill_pipeline.clients.compute pod --prompt-version PV --splits-dir D --output-dir O ...",
-          file=sys.stderr)
-    sys.exit(2)

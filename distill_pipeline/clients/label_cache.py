@@ -20,7 +20,7 @@ not a transaction-mode pgbouncer.) The upsert also never overwrites a completed 
 line of defence.
 
 Table `<schema>.label_samples` keeps the frozen sampling threshold of each prompt version
-(see `stages.labels.sample_mask`).
+(see `stages.teacher_labels.sample_mask`).
 """
 
 from __future__ import annotations

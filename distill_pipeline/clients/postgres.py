@@ -8,15 +8,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import re
 import threading
 from pathlib import Path
 from typing import Iterator
-from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 
 from distill_pipeline.config import PipelineConfig
+from distill_pipeline.masking import mask_url
 
 log = logging.getLogger(__name__)
 
@@ -28,16 +27,6 @@ def quote_ident(name: str) -> str:
 
 def quote_table(table: str) -> str:
     return ".".join(quote_ident(part) for part in table.split("."))
-
-
-def mask_url(url: str) -> str:
-    """The URL with any password replaced by ***."""
-    parts = urlsplit(url)
-    if parts.password:
-        netloc = parts.netloc.replace(":" + parts.password + "@", ":***@", 1)
-        parts = parts._replace(netloc=netloc)
-    masked = urlunsplit(parts)
-    return re.sub(r"(password=)[^&\s]+", r"\1***", masked)
 
 
 def embedded_url(home: Path) -> str:
@@ -84,10 +73,6 @@ class Database:
         """Reads queries as Arrow batches; one per export, shared by its streams."""
         with contextlib.closing(ArrowSource(self.url)) as source:
             yield source
-
-    def ensure_schema(self) -> None:
-        with self.connect(autocommit=True) as conn:
-            conn.execute(f"CREATE SCHEMA IF NOT EXISTS {quote_ident(self.schema_name)}")
 
 
 class ArrowSource:

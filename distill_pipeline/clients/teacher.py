@@ -16,17 +16,21 @@ redacted from them all the same.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import email.utils
 import json
 import math
+import os
 import random
 import time
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Callable, Hashable, Iterable
+from typing import Any, AsyncIterator, Callable, Hashable, Iterable, Iterator
 
 import aiohttp
 
 from distill_pipeline.config import TeacherConfig
+from distill_pipeline.masking import mask
 
 RETRY_STATUSES = frozenset({408, 409, 429})
 FATAL_STATUSES = frozenset({401, 403, 404})
@@ -187,7 +191,7 @@ class TeacherClient:
             self._session = None
 
     def redact(self, text: str) -> str:
-        return text.replace(self._api_key, "***") if self._api_key and text else text
+        return mask(text, self._api_key) if text else text
 
     def _backoff(self, attempt: int, retry_after: float | None) -> float:
         # "Equal jitter": between half and all of the exponential step, so retries of many
@@ -301,3 +305,52 @@ async def map_completions(client: TeacherClient, items: Iterable[tuple[Hashable,
             task.cancel()
         if pending:
             await asyncio.gather(*pending, return_exceptions=True)
+
+
+# --- the teacher a labelling run talks to: the real endpoint, or the demo's stand-in ----------------
+
+
+@dataclass(frozen=True)
+class TeacherEndpoint:
+    """Where one labelling run sends its requests."""
+
+    base_url: str
+    api_key: str | None = field(default=None, repr=False)
+    description: str = ""  # for metadata and logs: never the key
+
+
+class Teacher(ABC):
+    """Opens the teacher endpoint for the length of one labelling run."""
+
+    @abstractmethod
+    def open(self, cfg: TeacherConfig) -> contextlib.AbstractContextManager[TeacherEndpoint]: ...
+
+
+class OpenAICompatibleTeacher(Teacher):
+    """The team's endpoint at teacher.base_url; the key given, else the variable named by teacher.api_key_env."""
+
+    def __init__(self, api_key: str | None = None):
+        self.api_key = api_key
+
+    @contextlib.contextmanager
+    def open(self, cfg: TeacherConfig) -> Iterator[TeacherEndpoint]:
+        yield TeacherEndpoint(cfg.base_url, self.api_key or os.environ.get(cfg.api_key_env) or None, cfg.base_url)
+
+
+class DemoTeacher(Teacher):
+    """The demo's stand-in teacher (answers from the demo data), on a free loopback port for this run only,
+    so concurrent runs never share or stop each other's server."""
+
+    def __init__(self, rows: int | None = None, seed: int = 7):
+        self.rows = rows
+        self.seed = seed
+
+    @contextlib.contextmanager
+    def open(self, cfg: TeacherConfig) -> Iterator[TeacherEndpoint]:
+        from distill_pipeline.demo.teacher_server import DEMO_ROWS, start_teacher_server
+
+        handle = start_teacher_server(0, rows=self.rows or DEMO_ROWS, seed=self.seed)
+        try:
+            yield TeacherEndpoint(handle.url, None, "demo teacher (started for this run)")
+        finally:
+            handle.stop()

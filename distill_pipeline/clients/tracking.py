@@ -9,13 +9,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import subprocess
 import time
 from pathlib import Path
-from typing import Any, Mapping, Protocol
+from contextlib import contextmanager
+from typing import Any, Iterator, Mapping, Protocol
 
-from distill_pipeline.config import secret_name
+from distill_pipeline.distributed import is_main_process
+from distill_pipeline.masking import is_secret_name, mask_url
 
 
 class Tracker(Protocol):
@@ -29,7 +30,6 @@ class Tracker(Protocol):
 
     def log_dataset(self, path: Path, name: str, digest: str, context: str) -> None: ...
 
-    def set_tags(self, tags: Mapping[str, str]) -> None: ...
 
 
 class NullTracker:
@@ -49,8 +49,6 @@ class NullTracker:
     def log_dataset(self, path: Path, name: str, digest: str, context: str) -> None:
         pass
 
-    def set_tags(self, tags: Mapping[str, str]) -> None:
-        pass
 
 
 # --- MLflow -----------------------------------------------------------------------------------
@@ -58,18 +56,9 @@ class NullTracker:
 
 # MLflow's own tag names, so the MLflow UI shows them in its usual places.
 TAG_GIT_COMMIT = "mlflow.source.git.commit"
-TAG_RUN_NAME = "mlflow.runName"
 # Dataset digests are stored in a 36-character column.
 _MLFLOW_DIGEST_LEN = 32
 _PARAM_VALUE_MAX = 6000
-_URL_PASSWORD = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.\-]*://[^/@\s:]*:)[^/@\s]+@")
-
-
-def redact(value: str) -> str:
-    """A string with any `scheme://user:password@` password replaced by ***."""
-    return _URL_PASSWORD.sub(lambda m: m.group("head") + "***@", value)
-
-
 def safe_params(params: Mapping[str, Any]) -> dict[str, str]:
     """Params fit for MLflow: credentials dropped, URL passwords masked, values as bounded strings.
 
@@ -81,10 +70,10 @@ def safe_params(params: Mapping[str, Any]) -> dict[str, str]:
     for key, value in params.items():
         if value is None:
             continue
-        if hasattr(value, "get_secret_value") or (secret_name(key) and not key.endswith("_env")):
+        if hasattr(value, "get_secret_value") or (is_secret_name(key) and not key.endswith("_env")):
             continue
         text = json.dumps(value, default=str, sort_keys=True) if isinstance(value, (list, tuple, dict)) else str(value)
-        text = redact(text)
+        text = mask_url(text)
         out[key[:250]] = text[:_PARAM_VALUE_MAX]
     return out
 
@@ -154,13 +143,6 @@ class MlflowTracker:
         tags = [InputTag("mlflow.data.context", context)]
         self.client.log_inputs(self.run_id, datasets=[DatasetInput(dataset, tags)])
 
-    def set_tags(self, tags: Mapping[str, str]) -> None:
-        from mlflow.entities import RunTag
-
-        items = [RunTag(k, redact(str(v))) for k, v in tags.items() if v is not None]
-        for start in range(0, len(items), 100):
-            self.client.log_batch(self.run_id, tags=items[start:start + 100])
-
 
 def _parquet_schema_profile(path: Path) -> tuple[str | None, dict[str, Any]]:
     """MLflow dataset schema (column names and types) and row count of a Parquet file."""
@@ -181,7 +163,7 @@ def tracker_from_env(env: Mapping[str, str] | None = None) -> Tracker:
     """
     env = os.environ if env is None else env
     uri, run_id = env.get("MLFLOW_TRACKING_URI"), env.get("MLFLOW_RUN_ID")
-    if not uri or not run_id or env.get("RANK", "0") not in ("", "0"):
+    if not uri or not run_id or not is_main_process(env):
         return NullTracker()
     return MlflowTracker.connect(uri, run_id)
 
@@ -254,7 +236,7 @@ def git_commit(repo_dir: Path | None = None) -> tuple[str | None, bool | None]:
 
 def run_link(ui_url: str | None, tracking_uri: str, experiment_id: str, run_id: str) -> str:
     base = ui_url or (tracking_uri if tracking_uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000")
-    return f"{redact(base).rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+    return f"{mask_url(base).rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
 
 
 def file_sha256(path: Path) -> str:
@@ -274,7 +256,7 @@ def start_run(
     params: Mapping[str, Any],
 ) -> str:
     """Create a RUNNING MLflow run with its tags and (secret-free) params; returns the run id."""
-    clean_tags = {k: redact(str(v)) for k, v in tags.items() if v is not None}
+    clean_tags = {k: mask_url(str(v)) for k, v in tags.items() if v is not None}
     run = client.create_run(experiment_id, run_name=run_name, tags=clean_tags)
     MlflowTracker(client, run.info.run_id).log_params(params)
     return run.info.run_id
@@ -282,3 +264,64 @@ def start_run(
 
 def finish_run(client: Any, run_id: str, ok: bool) -> None:
     client.set_terminated(run_id, "FINISHED" if ok else "FAILED")
+
+
+class TrackedRun(MlflowTracker):
+    """The MLflow run of one materialization, as the stage that owns it sees it."""
+
+    def __init__(self, client: Any, run_id: str, experiment_id: str, tracking_uri: str, link: str):
+        super().__init__(client, run_id)
+        self.experiment_id = experiment_id
+        self.tracking_uri = tracking_uri
+        self.link = link
+
+    def worker_env(self) -> dict[str, str]:
+        """What a worker process needs to log into this run (`tracker_from_env`)."""
+        return {"MLFLOW_TRACKING_URI": self.tracking_uri, "MLFLOW_RUN_ID": self.run_id,
+                "MLFLOW_EXPERIMENT_ID": self.experiment_id}
+
+    def log_text(self, text: str, artifact_path: str, name: str) -> None:
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / name
+            path.write_text(text)
+            self.log_artifact(path, artifact_path)
+
+    def has_artifacts(self, artifact_path: str) -> bool:
+        return bool(self.client.list_artifacts(self.run_id, artifact_path))
+
+
+class ExperimentStore:
+    """An MLflow store and experiment: one tracked run per materialization of a stage.
+
+    `run()` is the whole lifecycle: create the run with its tags and (secret-free) params, hand it to
+    the stage, and close it FINISHED when the stage returns or FAILED when it raises.
+    """
+
+    def __init__(self, tracking_uri: str, experiment: str, artifact_location: str | None = None,
+                 ui_url: str | None = None):
+        self.tracking_uri = tracking_uri
+        self.experiment = experiment
+        self.artifact_location = artifact_location
+        self.ui_url = ui_url
+
+    @classmethod
+    def from_config(cls, cfg: Any, tracking_uri: str | None = None, experiment: str | None = None) -> "ExperimentStore":
+        uri = tracking_uri or resolve_tracking_uri(cfg)
+        return cls(uri, experiment or cfg.tracking.experiment, experiment_artifact_location(cfg, uri),
+                   cfg.tracking.ui_url)
+
+    @contextmanager
+    def run(self, run_name: str, tags: Mapping[str, str | None], params: Mapping[str, Any]) -> Iterator[TrackedRun]:
+        client = mlflow_client(self.tracking_uri)
+        experiment_id = ensure_experiment(client, self.experiment, self.artifact_location)
+        run_id = start_run(client, experiment_id, run_name=run_name, tags=tags, params=params)
+        run = TrackedRun(client, run_id, experiment_id, self.tracking_uri,
+                         run_link(self.ui_url, self.tracking_uri, experiment_id, run_id))
+        ok = False
+        try:
+            yield run
+            ok = True
+        finally:
+            finish_run(client, run_id, ok)

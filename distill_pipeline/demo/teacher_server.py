@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import os
 import random
@@ -29,14 +28,14 @@ import time
 import urllib.request
 from collections import Counter
 from dataclasses import dataclass, fields
-from typing import TYPE_CHECKING, Callable, Iterator
+from typing import TYPE_CHECKING, Callable
 
 from aiohttp import web
 
 from distill_pipeline.demo.data import generate_rows
 
 if TYPE_CHECKING:
-    from distill_pipeline.config import PipelineConfig
+    pass
 
 DEFAULT_PORT = 8911
 # Sentences of generate_rows(n, seed) are the first n of generate_rows(DEMO_ROWS, seed): answers for
@@ -305,24 +304,6 @@ def spawn_teacher_server(port: int = 0, host: str = "127.0.0.1", *, args: list[s
         proc.stdout.close()
 
     return TeacherServerHandle(int(match.group(1)), stop, host)
-
-
-@contextlib.contextmanager
-def serving_demo_teacher(cfg: "PipelineConfig", rows: int = DEMO_ROWS, seed: int = 7) -> Iterator["PipelineConfig"]:
-    """With `teacher.demo_server` on: a demo teacher for this run on a free port, and `cfg` pointed at it.
-
-    Each run gets its own server, so concurrent runs never share or stop each other's. Otherwise `cfg`
-    is yielded unchanged.
-    """
-    if not cfg.teacher.demo_server:
-        yield cfg
-        return
-    handle = start_teacher_server(0, rows=rows, seed=seed)
-    try:
-        teacher = cfg.teacher.model_copy(update={"base_url": handle.url})
-        yield cfg.model_copy(update={"teacher": teacher})
-    finally:
-        handle.stop()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -535,8 +535,8 @@ class NearDuplicates:
 
 
 def find_near_duplicates(texts, *, keepers: bool = False, **params) -> NearDuplicates:
-    """The whole detector; `near_duplicate_clusters` wraps it; the split stage's leakage
-    check calls it too.
+    """The whole detector; `near_duplicate_clusters` wraps it; the split stage calls it (at higher
+    recall) to keep near duplicates among the kept examples in one split.
 
     keepers=True also gives each text's keeper: see `_keeper_split`.
     """

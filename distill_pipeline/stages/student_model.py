@@ -30,8 +30,11 @@ from distill_pipeline.config import DEMO_BASE_MODEL, BaseModelConfig
 SERVER_LORA_MODULES = frozenset(
     {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "embed_tokens", "lm_head"}
 )
+# The one place adapter file names are written down.
+ADAPTER_DIR = "adapter"  # under the student_adapter output folder
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS)
 SOURCE_FILE = "distill_source.json"
 
 

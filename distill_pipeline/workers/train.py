@@ -23,6 +23,8 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
+from distill_pipeline.distributed import is_main_process
+
 PIPES_CONTEXT_ENV = "DAGSTER_PIPES_CONTEXT"  # dagster_pipes.DAGSTER_PIPES_CONTEXT_ENV_VAR
 
 
@@ -36,14 +38,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def is_main_rank() -> bool:
-    return os.environ.get("RANK", "0") in ("", "0")
-
-
 @contextlib.contextmanager
 def reporter() -> Iterator[Any]:
     """Dagster Pipes on rank 0 of a Pipes-launched process, else None (plain printing)."""
-    if is_main_rank() and PIPES_CONTEXT_ENV in os.environ:
+    if is_main_process() and PIPES_CONTEXT_ENV in os.environ:
         from dagster_pipes import open_dagster_pipes
 
         with open_dagster_pipes() as pipes:
@@ -117,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
 
     with reporter() as pipes:
         def report(kind: str, data: dict) -> None:
-            if not is_main_rank():
+            if not is_main_process():
                 return
             line = format_event(kind, data)
             if pipes is not None:
@@ -125,13 +123,13 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 print(f"[train {time.strftime('%H:%M:%S')}] {line}", flush=True)
 
-        from distill_pipeline.stages.train import RESULT, train_student
+        from distill_pipeline.stages.student_training import RESULT, train_student
 
         tracker = tracker_from_env()
         report("info", {"prompt_version": pv, "splits_dir": str(splits_dir), "output_dir": str(output_dir),
                         "mlflow_run_id": tracker.run_id})
         result = train_student(cfg, splits_dir, output_dir, tracker=tracker, report=report)
-        if not is_main_rank():
+        if not is_main_process():
             return 0
         from distill_pipeline.stages.student_model import ADAPTER_WEIGHTS
 

@@ -65,6 +65,12 @@ class ExportResult:
     def rows_per_s(self) -> float:
         return self.rows_read / self.seconds if self.seconds else 0.0
 
+    def metadata(self) -> dict:
+        return {"rows_read": self.rows_read, "rows_total": self.rows_total, "bytes_total": self.bytes_total,
+                "shards": self.shards, "days_rewritten": len(self.days_rewritten), "watermark": self.watermark or {},
+                "reread_from": self.since or "start", "duration_s": round(self.seconds, 3),
+                "rows_per_s": round(self.rows_per_s), "manifest_path": self.manifest_path}
+
 
 def _sql_literal(value: str) -> str:
     return "'" + value.replace("'", "''") + "'"
@@ -270,6 +276,11 @@ def _split_days(db: Database, source: SourceConfig, since: datetime | None) -> l
     k = min(source.parallel_streams, n_days)
     cuts = [first + timedelta(days=round(i * n_days / k)) for i in range(1, k)]
     return list(zip([since] + cuts, cuts + [None]))
+
+
+def build_source_rows(cfg: PipelineConfig, db: Database) -> ExportResult:
+    """The stage: rows past the watermark exported from the team's table into <home>/artifacts/source_rows."""
+    return export_source_rows(db, cfg.source, cfg.stage_dir("source_rows"))
 
 
 def export_source_rows(db: Database, source: SourceConfig, stage_dir: Path) -> ExportResult:

@@ -32,6 +32,7 @@ import pyarrow.parquet as pq
 
 from distill_pipeline.config import CurateConfig, PipelineConfig
 from distill_pipeline.stages import dedup
+from distill_pipeline.stages.inputs import InputProblem, check_input
 from distill_pipeline.stages.tasks import parse_output
 
 EXAMPLES = "examples.parquet"
@@ -58,6 +59,23 @@ class CurateResult:
     seconds: float
 
 
+def build_curated_examples(cfg: PipelineConfig, prompt_version: str) -> tuple[CurateResult, dict]:
+    """The stage: this version's teacher labels curated, written, and described (result, manifest)."""
+    from distill_pipeline.stages.teacher_labels import read_labels
+
+    result = curate_table(read_labels(cfg, prompt_version), cfg)
+    manifest = write_curated(result, cfg.stage_dir("curated_examples", prompt_version), prompt_version)
+    return result, manifest
+
+
+def read_examples(cfg: PipelineConfig, prompt_version: str) -> pa.Table:
+    path = cfg.stage_dir("curated_examples", prompt_version) / EXAMPLES
+    if not path.is_file():
+        raise FileNotFoundError(f"no curated examples for prompt version {prompt_version} at {path}: "
+                                "materialize curated_examples for that partition first")
+    return pq.read_table(path)
+
+
 def normalize(texts: pa.Array) -> pa.Array:
     """Lowercase, collapse whitespace, trim: the form duplicates are judged on."""
     lowered = pc.utf8_lower(texts)
@@ -82,15 +100,11 @@ def _decode_inputs(column: pa.ChunkedArray) -> tuple[pa.Array, list[str | None],
         raise TypeError(f"source column `input` has type {column.type}; expected text or bytea")
     decoded: list[str | None] = []
     for i, value in enumerate(column.to_pylist()):
-        if value is None:
-            decoded.append(None)
-            continue
-        try:
-            decoded.append(value.decode("utf-8"))
-        except UnicodeDecodeError as exc:
-            decoded.append(None)
-            raw[i] = value
-            errors[i] = f"byte {exc.start}: {value[exc.start:exc.start + 4]!r} is not valid UTF-8"
+        text, problem, detail = check_input(value)
+        if problem is InputProblem.NOT_UTF8:
+            raw[i], errors[i] = value, detail
+            text = None
+        decoded.append(value.decode("utf-8") if problem is InputProblem.EMPTY else text)
     return pa.array(decoded, pa.string()), errors, raw
 
 
@@ -101,12 +115,13 @@ def _label_reasons(table: pa.Table) -> list[tuple[str, str] | None]:
         return [None] * n
     reasons: list[tuple[str, str] | None] = [None] * n
     errors = table.column("error").to_pylist() if "error" in table.column_names else [None] * n
+    problems = table.column("input_problem").to_pylist() if "input_problem" in table.column_names else [None] * n
+    inputs = table.column("input").to_pylist()
     for i, status in enumerate(table.column("status").to_pylist()):
         error = errors[i] or status
         if status == "invalid_input":
-            code = ("input_null" if "NULL" in error else "input_not_utf8" if "UTF-8" in error
-                    else "input_empty" if "empty" in error else "input_invalid")
-            reasons[i] = (code, error)
+            problem = problems[i] or (check_input(inputs[i])[1] or InputProblem.NOT_TEXT).value
+            reasons[i] = (problem, error)
         elif status in ("failed", "over_budget"):
             reasons[i] = (f"teacher_{status}", error)
     return reasons
@@ -130,11 +145,11 @@ def _input_reasons(inputs: pa.Array, decode_errors: list, cfg: CurateConfig,
         if reasons[i] is not None:
             continue
         if decode_errors[i]:
-            reasons[i] = ("input_not_utf8", decode_errors[i])
+            reasons[i] = (InputProblem.NOT_UTF8.value, decode_errors[i])
         elif nulls[i]:
-            reasons[i] = ("input_null", "input is NULL")
+            reasons[i] = (InputProblem.NULL.value, "input is NULL")
         elif stripped[i] == 0:
-            reasons[i] = ("input_empty", "input is empty or whitespace")
+            reasons[i] = (InputProblem.EMPTY.value, "input is empty")
         elif lengths[i] > cfg.max_input_chars:
             reasons[i] = ("input_too_long", f"{int(lengths[i])} chars > curate.max_input_chars={cfg.max_input_chars}")
         elif stripped[i] < cfg.min_input_chars:

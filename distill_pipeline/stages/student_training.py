@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from distill_pipeline import distributed
 from distill_pipeline.clients.tracking import NullTracker, Tracker, file_sha256
 from distill_pipeline.config import PipelineConfig
 from distill_pipeline.stages import formatting, student_model
@@ -33,7 +34,7 @@ from distill_pipeline.stages.student_trainer import make_trainer_class, progress
 
 Report = Callable[[str, dict], None]
 CHECKPOINTS = "checkpoints"
-ADAPTER = "adapter"
+ADAPTER = student_model.ADAPTER_DIR
 RUN_STATE = "run_state.json"
 RESULT = "train_result.json"
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
@@ -69,10 +70,6 @@ class TrainResult:
         data["adapter_dir"] = str(self.adapter_dir)
         data["best_checkpoint"] = str(self.best_checkpoint) if self.best_checkpoint else None
         return data
-
-
-def _rank_world() -> tuple[int, int]:
-    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def checkpoint_step(path: Path) -> int:
@@ -221,7 +218,7 @@ def fit(cfg: PipelineConfig, splits_dir: Path, output_dir: Path, tracker: Tracke
     started = time.time()
     tc = cfg.train
     splits_dir, output_dir = Path(splits_dir).resolve(), Path(output_dir).resolve()
-    rank, world = _rank_world()
+    rank, world = distributed.rank(), distributed.world_size()
     main = rank == 0
     say: Report = (report or (lambda kind, data: None)) if main else (lambda kind, data: None)
     use_cpu = not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true")

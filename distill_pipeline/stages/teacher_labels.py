@@ -15,7 +15,7 @@ per-run budget ran out with status 'over_budget'. No row is ever dropped: the fi
 (sampled) source row.
 
 Output: <home>/artifacts/teacher_labels/<prompt version>/labels.parquet with columns
-id, input, input_hash, output, confidence, created_at, prompt_version, source, status, error,
+id, input, input_hash, output, confidence, created_at, prompt_version, source, status, error, input_problem,
 tokens_in, tokens_out, cost_usd, latency_ms, attempts, teacher_model.
 `cost_usd` is what the answer cost when it was bought (0 for reused); this run's spend is the sum over
 source = 'requested'.
@@ -39,8 +39,10 @@ import pyarrow.parquet as pq
 
 from distill_pipeline.clients.label_cache import CachedLabel, CacheWriter, LabelCache
 from distill_pipeline.clients.postgres import Database
-from distill_pipeline.clients.teacher import ChatRequest, Completion, TeacherClient, TeacherFatalError, map_completions
+from distill_pipeline.clients.teacher import (ChatRequest, Completion, TeacherClient, TeacherEndpoint, TeacherFatalError,
+                                             map_completions)
 from distill_pipeline.config import PipelineConfig, TaskConfig, TeacherConfig
+from distill_pipeline.stages.inputs import check_input
 from distill_pipeline.stages.prompts import PromptVersion
 from distill_pipeline.stages.tasks import parse_output
 
@@ -50,10 +52,10 @@ STAGE = "teacher_labels"
 LABELS_FILE = "labels.parquet"
 SOURCES = ("reused", "cached", "requested", "skipped")
 STATUSES = ("ok", "invalid", "failed", "invalid_input", "over_budget")
-MAX_HASH = 2**63 - 1
 
 SCHEMA_TAIL = pa.schema([
     ("prompt_version", pa.string()), ("source", pa.string()), ("status", pa.string()), ("error", pa.string()),
+    ("input_problem", pa.string()),
     ("tokens_in", pa.int64()), ("tokens_out", pa.int64()), ("cost_usd", pa.float64()),
     ("latency_ms", pa.float64()), ("attempts", pa.int32()), ("teacher_model", pa.string()),
 ])
@@ -63,20 +65,19 @@ def labels_path(cfg: PipelineConfig, prompt_version: str) -> Path:
     return cfg.stage_dir(STAGE, prompt_version) / LABELS_FILE
 
 
-def input_text(value: Any) -> tuple[str | None, str | None]:
-    """(text, None) for a usable input, (None, reason) for one that must never be sent."""
-    if value is None:
-        return None, "input is NULL"
-    if isinstance(value, (bytes, bytearray, memoryview)):
-        try:
-            value = bytes(value).decode("utf-8")
-        except UnicodeDecodeError as exc:
-            return None, f"input is not valid UTF-8 (byte {exc.start})"
-    if not isinstance(value, str):
-        return None, f"input should be text, got {type(value).__name__}"
-    if not value.strip():
-        return None, "input is empty"
-    return value, None
+def build_teacher_labels(cfg: PipelineConfig, prompt_version: str, db: Database, endpoint: TeacherEndpoint, *,
+                         logger: logging.Logger | None = None) -> LabelRun:
+    """The stage: every exported row labelled under `prompt_version`, asking `endpoint` only for what is missing."""
+    from distill_pipeline.stages.prompts import load_prompts
+    from distill_pipeline.stages.source_rows import read_source_rows
+
+    prompts = load_prompts(cfg.prompts_dir)
+    if prompt_version not in prompts:
+        raise ValueError(f"prompt version {prompt_version} has no file in {cfg.prompts_dir} any more (edited or "
+                         f"removed); current versions: {sorted(prompts)}")
+    rows = read_source_rows(cfg)
+    run_cfg = cfg.model_copy(update={"teacher": cfg.teacher.model_copy(update={"base_url": endpoint.base_url})})
+    return label_partition(run_cfg, prompts[prompt_version], rows, db, api_key=endpoint.api_key, logger=logger)
 
 
 def hash_input(text: str) -> str:
@@ -260,7 +261,7 @@ def label_partition(cfg: PipelineConfig, prompt: PromptVersion, rows: pa.Table, 
                                                                              "prompt_version"))
     n = len(keep)
     col: dict[str, list] = {name: [None] * n for name in
-                            ("input", "input_hash", "output", "confidence", "source", "status", "error",
+                            ("input", "input_hash", "output", "confidence", "source", "status", "error", "input_problem",
                              "tokens_in", "tokens_out", "cost_usd", "latency_ms", "attempts", "teacher_model")}
 
     def put(pos: int, **values: Any) -> None:
@@ -272,9 +273,9 @@ def label_partition(cfg: PipelineConfig, prompt: PromptVersion, rows: pa.Table, 
     pending: list[tuple[int, str]] = []
     texts: dict[str, str] = {}
     for pos, i in enumerate(keep):
-        text, error = input_text(inputs[i])
-        if error:
-            put(pos, source="skipped", status="invalid_input", error=error)
+        text, problem, detail = check_input(inputs[i])
+        if problem is not None:
+            put(pos, source="skipped", status="invalid_input", error=detail, input_problem=problem.value)
             continue
         key = hash_input(text)
         put(pos, input=text, input_hash=key)

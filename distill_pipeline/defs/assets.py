@@ -1,0 +1,134 @@
+"""The assets: each calls its stage (distill_pipeline/stages/<asset>.py), then turns the result into
+metadata and check results. No pipeline logic lives here."""
+
+from typing import Any
+
+import dagster as dg
+
+from distill_pipeline.defs.partitions import prompt_versions
+from distill_pipeline.defs.resources import (ComputeResource, MlflowResource, PostgresResource, SettingsResource,
+                                             TeacherResource)
+from distill_pipeline.stages import checks
+
+
+def as_metadata(values: dict[str, Any]) -> dict[str, Any]:
+    """Plain values as Dagster shows them: paths, links, markdown and JSON where they are such."""
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        if value is None:
+            continue
+        if key.endswith("_path") or key == "path":
+            value = dg.MetadataValue.path(str(value))
+        elif key == "mlflow_run":
+            value = dg.MetadataValue.url(value)
+        elif key == "samples":
+            value = dg.MetadataValue.md(value)
+        elif isinstance(value, (dict, list, tuple)):
+            value = dg.MetadataValue.json(value)
+        out[key] = value
+    return out
+
+
+@dg.asset(group_name="data", kinds={"postgres", "parquet"},
+          description="The team's table of teacher inferences, exported incrementally to day-bucketed Parquet shards.")
+def source_rows(settings: SettingsResource, postgres: PostgresResource) -> dg.MaterializeResult:
+    from distill_pipeline.stages.source_rows import build_source_rows
+
+    cfg = settings.load()
+    result = build_source_rows(cfg, postgres.database())
+    return dg.MaterializeResult(metadata=as_metadata({**result.metadata(), "table": cfg.source.table}))
+
+
+@dg.asset(
+    partitions_def=prompt_versions, deps=[source_rows], group_name="teacher", kinds={"postgres", "parquet"},
+    description="Every source input labelled under one prompt version: stored outputs of that version reused, "
+                "then the Postgres label cache, then the teacher; failures and invalid answers kept with status.",
+    check_specs=[dg.AssetCheckSpec("answers_mostly_usable", asset="teacher_labels",
+                                   description="failed + invalid + over-budget share <= teacher.max_bad_share")],
+)
+def teacher_labels(context: dg.AssetExecutionContext, settings: SettingsResource, postgres: PostgresResource,
+                   teacher: TeacherResource):
+    from distill_pipeline.stages.teacher_labels import build_teacher_labels
+
+    cfg = settings.load()
+    with teacher.endpoint(cfg) as endpoint:
+        run = build_teacher_labels(cfg, context.partition_key, postgres.database(), endpoint, logger=context.log)
+    yield dg.MaterializeResult(metadata=as_metadata({**run.metadata(), "teacher_endpoint": endpoint.description}))
+    passed, share = checks.answers_mostly_usable(run.counts, run.rows, cfg.teacher.max_bad_share)
+    yield dg.AssetCheckResult(check_name="answers_mostly_usable", passed=passed, severity=dg.AssetCheckSeverity.WARN,
+                              metadata={"bad_share": share, "max_bad_share": cfg.teacher.max_bad_share})
+
+
+@dg.asset(
+    partitions_def=prompt_versions, deps=[teacher_labels], group_name="data", kinds={"parquet"},
+    description="Validated, filtered, deduplicated examples; every dropped row quarantined with its reason.",
+    check_specs=[dg.AssetCheckSpec("targets_match_task_schema", asset="curated_examples", blocking=True),
+                 dg.AssetCheckSpec("has_examples", asset="curated_examples", blocking=True)],
+)
+def curated_examples(context: dg.AssetExecutionContext, settings: SettingsResource):
+    from distill_pipeline.stages.curated_examples import build_curated_examples
+
+    cfg = settings.load()
+    result, manifest = build_curated_examples(cfg, context.partition_key)
+    yield dg.MaterializeResult(metadata=as_metadata({
+        **result.counts, "duplicate_rate": manifest["duplicate_rate"], "labels": manifest["labels"],
+        "duration_s": round(result.seconds, 3), "examples_path": manifest["examples_path"],
+        "quarantine_path": manifest["quarantine_path"]}))
+    checked, bad, shown = checks.targets_violating_schema(cfg.task, manifest["examples_path"])
+    yield dg.AssetCheckResult(check_name="targets_match_task_schema", passed=bad == 0,
+                              metadata=as_metadata({"checked": checked, "violations": bad, "examples": shown}))
+    yield dg.AssetCheckResult(check_name="has_examples", passed=checked > 0, metadata={"kept": checked})
+
+
+@dg.asset(
+    partitions_def=prompt_versions, deps=[curated_examples], group_name="data", kinds={"parquet"},
+    description="Sticky, stratified, leakage-free train/val/test (Parquet and a datasets.DatasetDict).",
+    check_specs=[dg.AssetCheckSpec("no_leakage_between_splits", asset="dataset_splits", blocking=True),
+                 dg.AssetCheckSpec("no_empty_split", asset="dataset_splits", blocking=True),
+                 dg.AssetCheckSpec("label_shares_match_whole", asset="dataset_splits")],
+)
+def dataset_splits(context: dg.AssetExecutionContext, settings: SettingsResource):
+    from distill_pipeline.stages.dataset_splits import build_dataset_splits, read_splits
+
+    cfg = settings.load()
+    manifest = build_dataset_splits(cfg, context.partition_key)
+    splits = manifest["splits"]
+    yield dg.MaterializeResult(metadata=as_metadata({
+        **{f"{name}_rows": info["rows"] for name, info in splits.items()},
+        **{f"{name}_sha256": info["sha256"][:16] for name, info in splits.items()},
+        "label_shares": manifest["label_shares"], "clusters_merged_for_leakage": manifest["clusters_merged_for_leakage"],
+        "path": cfg.stage_dir("dataset_splits", context.partition_key)}))
+    parts = read_splits(cfg.stage_dir("dataset_splits", context.partition_key))
+    leak_ok, leak = checks.check_leakage(parts, cfg.curate.near_duplicate_threshold, cfg.curate.shingle_size)
+    yield dg.AssetCheckResult(check_name="no_leakage_between_splits", passed=leak_ok, metadata=as_metadata(leak))
+    empty = [name for name, part in parts.items() if part.num_rows == 0]
+    yield dg.AssetCheckResult(check_name="no_empty_split", passed=not empty, metadata=as_metadata({"empty": empty}))
+    balance_ok, balance = checks.check_label_balance(parts, cfg.split.max_label_share_gap)
+    yield dg.AssetCheckResult(check_name="label_shares_match_whole", passed=balance_ok,
+                              severity=dg.AssetCheckSeverity.WARN, metadata=as_metadata(balance))
+
+
+@dg.asset(
+    partitions_def=prompt_versions, deps=[dataset_splits], group_name="training", kinds={"pytorch", "mlflow"},
+    pool="gpu",
+    description="LoRA adapter of the student on this prompt version's splits, trained in its own process "
+                "(local or a Kubernetes GPU pod); one MLflow run per materialization.",
+)
+def student_adapter(context: dg.AssetExecutionContext, settings: SettingsResource, compute: ComputeResource,
+                    mlflow: MlflowResource) -> dg.MaterializeResult:
+    from distill_pipeline.stages.student_adapter import build_student_adapter
+
+    cfg, experiments = settings.load(), mlflow.store()
+    result = build_student_adapter(
+        cfg, context.partition_key, config_file=settings.path(), experiments=experiments,
+        compute=compute.bound(context, tracking_uri=experiments.tracking_uri), logger=context.log,
+        run_tags={"dagster.run_id": context.run_id, "dagster.asset_key": context.asset_key.to_user_string(),
+                  "dagster.partition": context.partition_key})
+    return dg.MaterializeResult(
+        metadata=as_metadata({
+            **{k: v for k, v in result.worker.items() if k != "adapter_path"},
+            "reused": result.reused, "mlflow_run_id": result.mlflow_run_id, "mlflow_run": result.mlflow_run,
+            "adapter_path": result.adapter_dir, "adapter_sha256": result.adapter_sha256,
+            "train_sha256": result.data["train"]["sha256"][:16], "val_sha256": result.data["val"]["sha256"][:16],
+            "compute": result.compute}),
+        data_version=dg.DataVersion(result.adapter_sha256[:16]))

@@ -1,0 +1,170 @@
+"""The asset checks' own computations. Each recomputes what it guards by a route independent of the code
+that produced it (a check that reruns the producer's logic cannot fail), so this module imports no stage.
+
+- `targets_violating_schema`: the curated targets as written to disk, validated by `jsonschema` against the
+  schema derived from the task config (not by the parser that made them).
+- `near_duplicates_across_splits`: the written splits searched for near-duplicate pairs across splits by
+  a detector of its own (a textbook MinHash with other hashes and bands than the splitter's engine, every
+  candidate's Jaccard computed exactly), not by the engine the splitter used to keep clusters together.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import zlib
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from distill_pipeline.config import TaskConfig
+from distill_pipeline.stages.task_schema import answer_schema
+
+
+def targets_violating_schema(task: TaskConfig, examples_path: Path, show: int = 5) -> tuple[int, int, list[dict]]:
+    """(targets checked, targets violating the task's schema, the first few violations with their id and reason)."""
+    from jsonschema import Draft202012Validator
+    from jsonschema.exceptions import best_match
+
+    validator = Draft202012Validator(answer_schema(task), format_checker=Draft202012Validator.FORMAT_CHECKER)
+    table = pq.read_table(examples_path, columns=["id", "target"])
+    bad, shown = 0, []
+    for row_id, target in zip(table.column("id").to_pylist(), table.column("target").to_pylist()):
+        if target is None:
+            problem = "target is NULL"
+        else:
+            try:
+                value = target if task.kind in ("classification", "generation") else json.loads(target)
+                error = best_match(validator.iter_errors(value))
+                problem = None if error is None else _explain(error)
+            except ValueError as exc:
+                problem = f"target is not JSON: {exc}"
+        if problem is not None:
+            bad += 1
+            if len(shown) < show:
+                shown.append({"id": row_id, "target": (target or "")[:200], "problem": problem[:300]})
+    return table.num_rows, bad, shown
+
+
+def _explain(error: Any) -> str:
+    """The message of a schema error; for `anyOf` (event or skip), that of the branch the value came closest to."""
+    if not error.context:
+        return error.message
+    by_branch: dict[Any, list] = defaultdict(list)
+    for sub in error.context:
+        by_branch[sub.relative_schema_path[0]].append(sub)
+    return _explain(min(by_branch.values(), key=len)[0])
+
+
+def _normalized(text: str) -> str:
+    return " ".join(text.lower().split())
+
+
+def _shingle_ids(text: str, k: int) -> np.ndarray:
+    grams = [text] if len(text) < k else [text[i:i + k] for i in range(len(text) - k + 1)]
+    return np.unique(np.fromiter((zlib.crc32(g.encode()) for g in grams), np.int64, len(grams)))
+
+
+def near_duplicates_across_splits(splits: dict[str, Any], threshold: float, shingle_size: int, *,
+                                  num_perm: int = 128, rows_per_band: int = 4, seed: int = 20261202,
+                                  show: int = 5) -> tuple[int, list[dict]]:
+    """(pairs of inputs in different splits with Jaccard >= threshold, the most similar few of them).
+
+    A textbook MinHash (CRC32 shingle ids, `num_perm` universal hashes (a*x + b) mod 2^31-1) with its
+    own banding (4 rows per band: a pair at J = 0.8 shares no band with probability ~1e-7); the pairs of a
+    bucket that spans two splits whose signatures roughly agree are verified by exact Jaccard; buckets
+    within one split cost nothing.
+    """
+    prime = (1 << 31) - 1
+    rng = np.random.default_rng(seed)
+    a = rng.integers(1, prime, num_perm, dtype=np.int64)
+    b = rng.integers(0, prime, num_perm, dtype=np.int64)
+    names, texts, sets, signatures = [], [], [], []
+    for name, table in splits.items():
+        for text in table.column("input").to_pylist():
+            norm = _normalized(text or "")
+            ids = _shingle_ids(norm, shingle_size)
+            names.append(name)
+            texts.append(norm)
+            sets.append(frozenset(ids.tolist()))
+            signatures.append(((ids[:, None] * a + b) % prime).min(axis=0))
+    found: dict[tuple[int, int], float] = {}
+    checked: set[tuple[int, int]] = set()  # pairs sharing several bands are verified once
+    if signatures:
+        sigs = np.stack(signatures)
+        # Candidates whose signatures agree on fewer slots than J = threshold less 4 standard deviations of the
+        # estimate are not verified (a true pair is dropped with probability ~3e-5).
+        cut = threshold - 4 * np.sqrt(threshold * (1 - threshold) / num_perm)
+        bands = sigs.reshape(len(signatures), -1, rows_per_band)
+        for band in range(bands.shape[1]):
+            buckets: dict[bytes, list[int]] = defaultdict(list)
+            for doc, key in enumerate(bands[:, band, :]):
+                buckets[key.tobytes()].append(doc)
+            for members in buckets.values():
+                by_split: dict[str, list[int]] = defaultdict(list)
+                for m in members:
+                    by_split[names[m]].append(m)
+                for left, right in itertools.combinations(by_split.values(), 2):
+                    right_sigs = sigs[right]
+                    for start in range(0, len(left), 256):  # bounded memory on a huge bucket
+                        block = left[start:start + 256]
+                        agree = (sigs[block][:, None, :] == right_sigs[None, :, :]).mean(axis=2)
+                        for i, j in zip(*np.nonzero(agree >= cut)):
+                            x, y = block[i], right[j]
+                            pair = (x, y) if x < y else (y, x)
+                            if pair in checked:
+                                continue
+                            checked.add(pair)
+                            similarity = len(sets[x] & sets[y]) / len(sets[x] | sets[y])
+                            if similarity >= threshold:
+                                found[pair] = similarity
+    ranked = sorted(found.items(), key=lambda item: -item[1])
+    examples = [{"a": texts[x][:120], "b": texts[y][:120], "splits": [names[x], names[y]], "jaccard": round(sim, 3)}
+                for (x, y), sim in ranked[:show]]
+    return len(found), examples
+
+
+def cluster_keys_in_two_splits(splits: dict[str, Any]) -> int:
+    """Duplicate clusters (cluster_key) whose members landed in more than one split."""
+    where: dict[str, set[str]] = defaultdict(set)
+    for name, table in splits.items():
+        for key in table.column("cluster_key").to_pylist():
+            where[key].add(name)
+    return sum(1 for names in where.values() if len(names) > 1)
+
+
+def check_leakage(splits: dict[str, Any], threshold: float, shingle_size: int) -> tuple[bool, dict]:
+    """No duplicate cluster and no near-duplicate pair of inputs (found exactly, see above) in two splits."""
+    shared = cluster_keys_in_two_splits(splits)
+    pairs, examples = near_duplicates_across_splits(splits, threshold, shingle_size)
+    return not shared and not pairs, {"clusters_in_two_splits": shared, "near_duplicate_pairs_across_splits": pairs,
+                                      "examples": examples}
+
+
+def label_shares(labels: list) -> dict[str, float]:
+    counts = Counter(labels)
+    total = sum(counts.values()) or 1
+    return {k: v / total for k, v in sorted(counts.items())}
+
+
+def check_label_balance(splits: dict[str, Any], max_gap: float) -> tuple[bool, dict]:
+    """Each split's label shares stay within `max_gap` of the whole's."""
+    whole = label_shares([x for part in splits.values() for x in part.column("label").to_pylist()])
+    worst = {}
+    for name, part in splits.items():
+        mine = label_shares(part.column("label").to_pylist())
+        gaps = {label: abs(mine.get(label, 0.0) - share) for label, share in whole.items()}
+        label, gap = max(gaps.items(), key=lambda kv: kv[1]) if gaps else ("-", 0.0)
+        worst[name] = {"label": label, "gap": round(gap, 4)}
+    return all(w["gap"] <= max_gap for w in worst.values()), {"worst_gap_per_split": worst, "max_gap": max_gap}
+
+
+def answers_mostly_usable(counts: dict[str, int], rows: int, max_bad_share: float) -> tuple[bool, float]:
+    """(passed, share of answerable inputs that failed, came back invalid or were left over budget)."""
+    answerable = rows - counts.get("invalid_input", 0)
+    bad = counts.get("failed", 0) + counts.get("invalid", 0) + counts.get("over_budget", 0)
+    share = round(bad / answerable, 4) if answerable else 0.0
+    return share <= max_bad_share, share
