@@ -10,7 +10,6 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 import psycopg
-import pyarrow.parquet as pq
 import pytest
 
 from distill_pipeline.clients.postgres import Database

@@ -200,3 +200,47 @@ def test_materialize_student_adapter_on_a_tiny_model(tmp_path, monkeypatch, tiny
     (mat3,) = third.asset_materializations_for_node("student_adapter")
     assert mat3.metadata["reused"].value is False and mat3.metadata["mlflow_run_id"].value != run_id
     assert len(_runs(cfg)[1]) == 2
+
+
+def test_config_flag_drives_data_training_compute_and_mlflow(tmp_path, tiny_models):  # noqa: F811
+    """`distill --config X materialize student_adapter`, with $DISTILL_CONFIG naming another file: X's splits
+    are trained on, X's compute.local.env reaches the worker, and the run lands in X's MLflow store."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from distill_pipeline.stages.prompts import load_prompts
+
+    x_dir = tmp_path / "x"
+    (x_dir / "prompts").mkdir(parents=True)
+    shutil.copy(REPO / "distill_pipeline" / "demo" / "prompts" / "sec_events_v1.yaml", x_dir / "prompts")
+    cfg_path = write_config(x_dir / "cfg.yaml", tmp_path / "x-home", tiny_models["llama"],
+                            {"max_steps": 2, "eval_steps": 2, "max_seq_len": 256, "early_stopping_patience": None})
+    data = yaml.safe_load(cfg_path.read_text())
+    data["tracking"] = {"experiment": "x-experiment"}
+    # Only the worker sees this override: it proves compute.local.env of X reached it.
+    data["compute"] = {"local": {"env": {"DISTILL__TRAIN__SAMPLE_COUNT": "1", "OMP_NUM_THREADS": "1"}}}
+    cfg_path.write_text(yaml.safe_dump(data))
+    cfg = load_config(cfg_path, env={})
+    (key,) = load_prompts(cfg.prompts_dir)
+    manifest = dataset_splits.write_splits(pa.Table.from_pylist(demo_split_rows(40, seed=3)), cfg.split,
+                                           cfg.stage_dir("dataset_splits", key), key, curate=cfg.curate)
+    decoy = tmp_path / "decoy.yaml"
+    decoy.write_text(f"home: {tmp_path / 'decoy-home'}\ntracking:\n  experiment: decoy\n")
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DISTILL", "DAGSTER_HOME", "MLFLOW_"))}
+    proc = subprocess.run([sys.executable, "-m", "distill_pipeline.cli", "--config", str(cfg_path), "materialize",
+                           "student_adapter", "--partition", key], cwd=tmp_path, capture_output=True, text=True,
+                          env={**env, "DISTILL_CONFIG": str(decoy)}, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    assert not (tmp_path / "decoy-home").exists()
+    output_dir = cfg.stage_dir("student_adapter", key)
+    assert (output_dir / "adapter" / "adapter_config.json").is_file()
+    assert len(json.loads((output_dir / "train_result.json").read_text())["samples"]) == 1
+    client, runs = _runs(cfg)
+    assert str(tracking.resolve_tracking_uri(cfg, env={})).startswith("sqlite:///" + str(tmp_path / "x-home"))
+    assert [r.info.status for r in runs] == ["FINISHED"]
+    assert runs[0].data.params["data.train.sha256"] == manifest["splits"]["train"]["sha256"]
+    assert runs[0].data.tags["dagster.partition"] == key
