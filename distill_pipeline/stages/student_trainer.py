@@ -1,4 +1,4 @@
-"""The training loop's additions to the transformers Trainer (used by stages/train.py).
+"""The training loop's additions to the transformers Trainer (used by stages/student_training.py).
 
 - answer-only logits: only positions that predict an answer token are projected onto the
   vocabulary (`logits_to_keep` as a boolean mask), skipping most of the output-head work;
