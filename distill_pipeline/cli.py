@@ -140,10 +140,33 @@ def cmd_seed(args, cfg: PipelineConfig) -> None:
 
 
 def cmd_prompts(args, cfg: PipelineConfig) -> None:
+    """Each prompt version, what it reuses from the table, and what labelling it would buy now."""
+    from distill_pipeline.clients.postgres import Database
     from distill_pipeline.stages.prompts import load_prompts
+    from distill_pipeline.stages.source_rows import read_source_rows
+    from distill_pipeline.stages.teacher_labels import plan_labels
 
-    for key, version in sorted(load_prompts(cfg.prompts_dir).items()):
-        print(f"{key}\t{version.path}")
+    versions = load_prompts(cfg.prompts_dir)
+    try:
+        rows = read_source_rows(cfg, ["id", "input", "output", "prompt_version"])
+    except FileNotFoundError:
+        rows = None
+    db = Database.from_config(cfg) if rows is not None else None
+    for key, version in sorted(versions.items()):
+        print(f"{key}\t{version.path}\tfingerprint {version.fingerprint}")
+        for name in version.stored_as:
+            print(f"    reuses stored answers named {name!r}")
+        for name in version.stale_stored_as:
+            print(f"    NOT reusing {name!r}: mapped to another fingerprint, so the prompt changed since those answers "
+                  f"were made (write {name}: {version.fingerprint} only if they are this prompt's answers)")
+        if rows is None:
+            continue
+        plan = plan_labels(cfg, version, rows, db)
+        print(f"    {plan.rows} exported rows: {plan.reused_rows} reuse a stored answer, {plan.invalid_inputs} unusable "
+              f"inputs; distinct inputs: {plan.cached_inputs} already in the label cache, {plan.inputs_to_buy} to buy "
+              f"(at most ${plan.max_cost_usd:.4f} at teacher.price_per_1m_*_tokens)")
+    if rows is None:
+        print("(no export yet: `distill export` first to see what each version would reuse and buy)")
 
 
 def cmd_check_config(args, cfg: PipelineConfig) -> None:

@@ -149,8 +149,24 @@ class TaskConfig(Section):
         return self
 
 
+ConfidenceScale = Literal["auto", "0-1", "0-10", "0-100", "logprob"]
+# The threshold a scale gets when curate.min_confidence is not set: "fairly sure" on each.
+DEFAULT_MIN_CONFIDENCE = {"0-1": 0.7, "0-10": 7.0, "0-100": 70.0, "logprob": -0.357}  # ln 0.7
+
+
 class CurateConfig(Section):
-    min_confidence: float | None = 7.0
+    # The scale of the stored confidence column: auto infers it from the values (all in [0, 1] -> 0-1,
+    # at most 10 -> 0-10, at most 100 -> 0-100, all <= 0 -> logprob) and records what it chose.
+    confidence_scale: ConfidenceScale = "auto"
+    # Rows below this are quarantined (low_confidence); None -> the scale's default (0.7, 7, 70, ln 0.7).
+    min_confidence: float | None = None
+    filter_confidence: bool = True
+    # A threshold that would drop more than this share of the rows that have a confidence fails the run:
+    # almost always a threshold meant for another scale.
+    max_low_confidence_share: float = Field(0.5, gt=0, le=1)
+    # Rows without a confidence (teacher answers carry none; NULL in the table): keep them, or quarantine
+    # them (reason no_confidence).
+    missing_confidence: Literal["keep", "drop"] = "keep"
     min_input_chars: int = Field(1, ge=1)
     max_input_chars: int = Field(4000, ge=1)
     max_output_chars: int = Field(8000, ge=1)

@@ -6,15 +6,26 @@ from pathlib import Path
 
 from distill_pipeline.clients.postgres import Database, quote_ident, quote_table
 from distill_pipeline.demo.data import SPREAD_DAYS, generate_rows
-from distill_pipeline.stages.prompts import load_prompts
+from distill_pipeline.stages.prompts import PromptVersion, load_prompts
 
 
-def demo_prompt_keys(prompts_dir: Path) -> tuple[str, str]:
-    """Keys of the demo's two prompt versions (v1 = the stored outputs, v2 = the edited prompt)."""
+def demo_prompt_versions(prompts_dir: Path) -> list[PromptVersion]:
+    """The demo's two prompt versions, in file order (v1 = the stored outputs, v2 = the edited prompt)."""
     versions = sorted(load_prompts(prompts_dir).values(), key=lambda v: v.path.name)
     if len(versions) < 2:
         raise ValueError(f"the demo needs two prompt files in {prompts_dir}, found {len(versions)}")
-    return versions[0].key, versions[1].key
+    return versions[:2]
+
+
+def demo_prompt_keys(prompts_dir: Path) -> tuple[str, str]:
+    v1, v2 = demo_prompt_versions(prompts_dir)
+    return v1.key, v2.key
+
+
+def stored_names(prompts_dir: Path) -> tuple[str, str]:
+    """The names the demo table stores its answers under, as a team's table would (`stored_as`)."""
+    v1, v2 = demo_prompt_versions(prompts_dir)
+    return tuple(v.stored_as[0] if v.stored_as else v.key for v in (v1, v2))
 
 
 def create_table(db: Database, table: str) -> None:
@@ -37,7 +48,7 @@ def seed_demo_table(db: Database, table: str, prompts_dir: Path, rows: int = 500
                     spread_days: float = SPREAD_DAYS, first_id: int = 1) -> int:
     """Insert the demo rows with ids first_id.. (existing ids are left alone). Returns rows inserted."""
     create_table(db, table)
-    versions = demo_prompt_keys(prompts_dir)
+    versions = stored_names(prompts_dir)
     name = quote_table(table)
     with db.connect() as conn:
         conn.execute("CREATE TEMP TABLE demo_load (LIKE " + name + " INCLUDING DEFAULTS) ON COMMIT DROP")

@@ -30,7 +30,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from distill_pipeline.config import CurateConfig, PipelineConfig
+from distill_pipeline.config import DEFAULT_MIN_CONFIDENCE, CurateConfig, PipelineConfig
 from distill_pipeline.stages import dedup
 from distill_pipeline.stages.inputs import InputProblem, check_input
 from distill_pipeline.stages.tasks import parse_output
@@ -161,6 +161,38 @@ def _input_reasons(inputs: pa.Array, decode_errors: list, cfg: CurateConfig,
     return reasons
 
 
+def infer_confidence_scale(confidence: np.ndarray) -> str:
+    """The scale the stored confidences are on (curate.confidence_scale: auto)."""
+    known = confidence[~np.isnan(confidence)]
+    if known.size == 0 or (known.min() >= 0 and known.max() <= 1):
+        return "0-1"
+    if known.max() <= 0:
+        return "logprob"
+    return "0-10" if known.min() >= 0 and known.max() <= 10 else "0-100"
+
+
+def confidence_threshold(c: CurateConfig, confidence: np.ndarray) -> tuple[str, float | None]:
+    """(scale, threshold) of the confidence filter; the threshold is None when the filter is off."""
+    scale = infer_confidence_scale(confidence) if c.confidence_scale == "auto" else c.confidence_scale
+    if not c.filter_confidence:
+        return scale, None
+    return scale, c.min_confidence if c.min_confidence is not None else DEFAULT_MIN_CONFIDENCE[scale]
+
+
+def _check_confidence_filter(reasons: list, confidence: np.ndarray, threshold: float | None, scale: str,
+                             c: CurateConfig) -> None:
+    """A filter dropping most rows is a threshold meant for another scale: stop before quarantining the table."""
+    dropped = sum(1 for r in reasons if r is not None and r[0] == "low_confidence")
+    judged = dropped + sum(1 for i, r in enumerate(reasons) if r is None and not np.isnan(confidence[i]))
+    if threshold is not None and judged and dropped / judged > c.max_low_confidence_share:
+        raise ValueError(
+            f"the confidence filter would quarantine {dropped} of {judged} rows that have a confidence "
+            f"({dropped / judged:.0%} > curate.max_low_confidence_share={c.max_low_confidence_share:g}): "
+            f"curate.min_confidence={threshold:g} on the {scale} scale (curate.confidence_scale="
+            f"{c.confidence_scale}; stored values range {np.nanmin(confidence):g}..{np.nanmax(confidence):g}). "
+            "Set curate.confidence_scale / curate.min_confidence to fit your column, or curate.filter_confidence: false")
+
+
 def curate_table(table: pa.Table, cfg: PipelineConfig) -> CurateResult:
     """Curate rows with columns id, input, output, confidence, created_at (+ status, error from teacher_labels)."""
     started = time.perf_counter()
@@ -176,6 +208,7 @@ def curate_table(table: pa.Table, cfg: PipelineConfig) -> CurateResult:
         .to_numpy(zero_copy_only=False)
 
     reasons = _input_reasons(inputs, decode_errors, c, _label_reasons(table))
+    scale, threshold = confidence_threshold(c, confidence)
     targets: list[str | None] = [None] * n
     parsed_short: dict[str, object] = {}
     labels: list[str | None] = [None] * n
@@ -194,10 +227,16 @@ def curate_table(table: pa.Table, cfg: PipelineConfig) -> CurateResult:
         if not parsed.ok:
             reasons[i] = ("output_invalid", parsed.error)
             continue
-        if c.min_confidence is not None and confidence[i] < c.min_confidence:  # NaN (unknown) passes
-            reasons[i] = ("low_confidence", f"confidence {confidence[i]:g} < curate.min_confidence={c.min_confidence:g}")
+        if np.isnan(confidence[i]):
+            if c.missing_confidence == "drop":
+                reasons[i] = ("no_confidence", "no confidence (curate.missing_confidence=drop)")
+                continue
+        elif threshold is not None and confidence[i] < threshold:
+            reasons[i] = ("low_confidence", f"confidence {confidence[i]:g} < {threshold:g} (curate.min_confidence, "
+                                            f"{scale} scale)")
             continue
         targets[i], labels[i] = parsed.target, parsed.label
+    _check_confidence_filter(reasons, confidence, threshold, scale, c)
 
     valid = np.array([r is None for r in reasons])
     valid_idx = np.flatnonzero(valid)
@@ -283,7 +322,9 @@ def curate_table(table: pa.Table, cfg: PipelineConfig) -> CurateResult:
 
     counts = Counter(r[0] for r in reasons if r is not None)
     summary = {"rows_in": n, "kept": examples.num_rows, "quarantined": quarantine.num_rows,
-               **{f"dropped_{k}": v for k, v in sorted(counts.items())}}
+               **{f"dropped_{k}": v for k, v in sorted(counts.items())},
+               "confidence_scale": scale, "min_confidence": threshold,
+               "rows_without_confidence": int(np.isnan(confidence).sum())}
     summary["kept_skip"] = sum(1 for i in keep_idx if labels[i] == "skip")
     return CurateResult(examples, quarantine, summary, time.perf_counter() - started)
 

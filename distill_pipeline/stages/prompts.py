@@ -4,6 +4,13 @@ A version's key is `<slug>-<hash8>`: the file's stem made comma-free plus the
 first 8 hex digits of the SHA-256 of its canonical content, so any edit to the
 rubric, template, model or sampling makes a new key (a new Dagster partition)
 while comments and key order do not.
+
+Answers the team already has: `stored_as` maps the names the table's prompt-version
+column uses (`rubric-2026-09`) to the fingerprint of the prompt those answers were made
+with (the hash of the file without `stored_as`; `distill prompts` prints it). Stored rows
+under such a name are reused for this version only while the fingerprint matches: edit
+the rubric (or copy the file into a new version) and the old answers are no longer taken
+for its answers -- `distill prompts` then says so -- until the mapping is updated.
 """
 
 from __future__ import annotations
@@ -42,6 +49,13 @@ class PromptVersion:
     user_template: str
     teacher: TeacherSettings
     content_hash: str
+    fingerprint: str = ""  # hash8 of the file without stored_as: what a stored_as entry is bound to
+    stored_as: tuple[str, ...] = ()  # stored prompt-version names whose answers are this version's
+    stale_stored_as: tuple[str, ...] = ()  # declared for another fingerprint: not reused
+
+    def reuses(self, stored_name: str | None) -> bool:
+        """Whether a stored row under `stored_name` holds this version's answer."""
+        return stored_name is not None and (stored_name == self.key or stored_name in self.stored_as)
 
     def render_user(self, input_text: str) -> str:
         # str.replace, not str.format: inputs and rubrics are full of braces (JSON).
@@ -66,7 +80,7 @@ def load_prompt(path: Path) -> PromptVersion:
         raise PromptError(f"{path}: not valid YAML: {exc}") from exc
     if not isinstance(data, dict):
         raise PromptError(f"{path}: expected a mapping with system, user_template, teacher, task_kind")
-    allowed = {"system", "user_template", "teacher", "task_kind", "output_schema"}
+    allowed = {"system", "user_template", "teacher", "task_kind", "output_schema", "stored_as"}
     unknown = sorted(set(data) - allowed)
     if unknown:
         raise PromptError(f"{path}: unknown keys {unknown} (allowed: {sorted(allowed)})")
@@ -83,8 +97,9 @@ def load_prompt(path: Path) -> PromptVersion:
         max_tokens=int(teacher.get("max_tokens", 512)),
         extra={k: v for k, v in teacher.items() if k not in known},
     )
-    canonical = json.dumps(data, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
-    digest = hashlib.sha256(canonical.encode()).hexdigest()
+    digest = _sha256(data)
+    fingerprint = _sha256({k: v for k, v in data.items() if k != "stored_as"})[:8]
+    stored = _stored_as(path, data.get("stored_as"), fingerprint)
     return PromptVersion(
         key=f"{slugify(path.stem)}-{digest[:8]}",
         path=path,
@@ -93,7 +108,32 @@ def load_prompt(path: Path) -> PromptVersion:
         user_template=template,
         teacher=settings,
         content_hash=digest,
+        fingerprint=fingerprint,
+        stored_as=tuple(name for name, bound in stored.items() if bound == fingerprint),
+        stale_stored_as=tuple(name for name, bound in stored.items() if bound != fingerprint),
     )
+
+
+def _sha256(data: dict) -> str:
+    canonical = json.dumps(data, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _stored_as(path: Path, value: Any, fingerprint: str) -> dict[str, str]:
+    if value is None:
+        return {}
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        pasted = ", ".join(f"{name}: {fingerprint}" for name in value)
+        raise PromptError(f"{path}: stored_as must bind each stored name to the fingerprint of the prompt its answers "
+                          f"were made with, e.g. `stored_as: {{{pasted}}}` ({fingerprint} is this file's fingerprint "
+                          "now: write it only if the stored answers came from exactly this prompt)")
+    if not isinstance(value, dict) or not all(isinstance(k, str) and k for k in value):
+        raise PromptError(f"{path}: stored_as must be a mapping {{stored prompt-version name: fingerprint}}")
+    bad = [k for k, v in value.items() if not (isinstance(v, str) and re.fullmatch(r"[0-9a-f]{8}", v))]
+    if bad:
+        raise PromptError(f"{path}: stored_as.{bad[0]}: expected an 8-digit hex fingerprint "
+                          f"(this file's is {fingerprint})")
+    return dict(value)
 
 
 def load_prompts(folder: Path) -> dict[str, PromptVersion]:

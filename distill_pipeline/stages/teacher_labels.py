@@ -2,8 +2,9 @@
 
 For each source row (or a sticky sample of them, `teacher.sample_size`), in this order:
 1. its input is NULL, empty or not UTF-8   -> status 'invalid_input', never sent (curation quarantines it);
-2. it was stored with an output under this very prompt version -> that output is reused (source 'reused',
-   free); an identical input elsewhere in the table is then reused too;
+2. it was stored with an output under this prompt version (its key, or a name its prompt file binds with
+   `stored_as`, see stages/prompts.py) -> that output is reused (source 'reused', free); an identical input
+   elsewhere in the table is then reused too;
 3. the label cache (Postgres, keyed by (prompt version, sha256 of the input)) has its answer -> 'cached';
 4. otherwise the teacher is asked ('requested'); identical inputs share one request.
 
@@ -78,6 +79,53 @@ def build_teacher_labels(cfg: PipelineConfig, prompt_version: str, db: Database,
     rows = read_source_rows(cfg)
     run_cfg = cfg.model_copy(update={"teacher": cfg.teacher.model_copy(update={"base_url": endpoint.base_url})})
     return label_partition(run_cfg, prompts[prompt_version], rows, db, api_key=endpoint.api_key, logger=logger)
+
+
+@dataclass
+class LabelPlan:
+    """What labelling a prompt version would do now, before anything is sent."""
+
+    prompt_version: str
+    rows: int
+    reused_rows: int  # stored answers of this version (or of an identical input stored under it)
+    invalid_inputs: int
+    cached_inputs: int
+    inputs_to_buy: int
+    max_cost_usd: float  # estimated prompt tokens + max_tokens per request, at the configured prices
+
+
+def plan_labels(cfg: PipelineConfig, prompt: PromptVersion, rows: pa.Table, db: Database | None) -> LabelPlan:
+    """The reuse / cache / buy split of `rows` under `prompt` (the whole table, not the sample), and its cost."""
+    inputs, stored_out, stored_pv = (_column(rows, c) for c in ("input", "output", "prompt_version"))
+    reusable: set[str] = set()
+    texts: dict[str, str] = {}
+    hashes: list[str | None] = []
+    invalid = 0
+    for i, value in enumerate(inputs):
+        text, problem, _ = check_input(value)
+        if problem is not None:
+            invalid += 1
+            hashes.append(None)
+            continue
+        key = hash_input(text)
+        hashes.append(key)
+        if prompt.reuses(stored_pv[i]) and stored_out[i] is not None:
+            reusable.add(key)
+        else:
+            texts.setdefault(key, text)
+    wanted = [k for k in texts if k not in reusable]
+    cached: dict[str, CachedLabel] = {}
+    if db is not None and wanted:
+        cache = LabelCache(db)
+        cache.ensure()
+        cached = cache.lookup(prompt.key, wanted)
+    to_buy = [k for k in wanted if k not in cached or (cached[k].status == "failed" and cfg.teacher.retry_failed)]
+    model = cfg.teacher.model or prompt.teacher.model
+    cost = sum(price(cfg.teacher, ChatRequest(prompt.messages(texts[k]), model, prompt.teacher.max_tokens,
+                                              prompt.teacher.temperature).estimated_prompt_tokens(),
+                     prompt.teacher.max_tokens) for k in to_buy)
+    reused_rows = sum(1 for h in hashes if h is not None and h in reusable)
+    return LabelPlan(prompt.key, len(inputs), reused_rows, invalid, len(wanted) - len(to_buy), len(to_buy), cost)
 
 
 def hash_input(text: str) -> str:
@@ -252,6 +300,10 @@ def label_partition(cfg: PipelineConfig, prompt: PromptVersion, rows: pa.Table, 
                          f"task.kind is {cfg.task.kind!r}: its answers would be validated as the wrong kind")
     if api_key is None:
         api_key = os.environ.get(tcfg.api_key_env) or None
+    for name in prompt.stale_stored_as:
+        logger.warning("prompt file %s maps stored name %r to another fingerprint than its own (%s): the prompt "
+                       "changed since those answers were made, so they are not reused for %s", prompt.path, name,
+                       prompt.fingerprint, pv)
 
     cache = LabelCache(db)
     cache.ensure()
@@ -279,7 +331,7 @@ def label_partition(cfg: PipelineConfig, prompt: PromptVersion, rows: pa.Table, 
             continue
         key = hash_input(text)
         put(pos, input=text, input_hash=key)
-        if stored_pv[i] == pv and stored_out[i] is not None:
+        if prompt.reuses(stored_pv[i]) and stored_out[i] is not None:
             reusable.setdefault(key, (stored_out[i], stored_conf[i]))
             _put_reused(put, pos, cfg.task, stored_out[i], stored_conf[i])
         else:
