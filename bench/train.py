@@ -118,7 +118,7 @@ def main() -> None:
                         help="where the demo GGUF is converted once (base_models/)")
     args = parser.parse_args()
 
-    location = args.model or student_model.prepare_base(BaseModelConfig(), Path(args.home).resolve() / "base_models")
+    location = args.model or student_model.prepare_base(BaseModelConfig(), BaseModelConfig().cache_root())
     tokenizer = student_model.load_tokenizer(location)
     examples = demo_examples(tokenizer, args.examples)
     lengths = [len(e) for e in examples]

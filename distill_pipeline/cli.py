@@ -1,10 +1,10 @@
 """`distill ...`: the pipeline without the UI.
 
     distill demo [--rows N]             seed the demo table and materialize the whole graph
-    distill materialize [--partition K] [ASSET ...]
+    distill materialize [--partition K | --all-versions] [ASSET ...]
                                         materialize assets through Dagster (runs show in the UI)
     distill seed-demo [--rows N]        create/fill the demo table only
-    distill prompts                     list teacher prompt versions and their partition keys
+    distill prompts                     prompt versions: keys, stored answers reused, inputs to buy and cost
     distill check-config                validate the config and print it (secrets masked)
     distill export | curate K | split K run one data stage directly, without Dagster
 
@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import sys
 from pathlib import Path
 
@@ -27,18 +28,54 @@ class UserError(Exception):
     """A mistake in what the user asked for: printed as one line, exit status 2, no traceback."""
 
 
+INSTANCE_SETTINGS = Path(__file__).parent / "dagster.yaml"
+RUN_HOST_TAG, RUN_PID_TAG = "distill/host", "distill/pid"
+
+
 def dagster_instance(cfg: PipelineConfig):
-    """The persistent Dagster instance under <home>/dagster, shared with `make dev`."""
+    """The persistent Dagster instance ($DAGSTER_HOME, default <home>/dagster), shared with `make dev`.
+
+    A home without instance settings gets the pipeline's (run queue, `gpu` pool limit, run monitoring),
+    wherever it is; runs this machine's `distill` processes left STARTED when they were killed are marked failed.
+    """
     import dagster as dg
 
-    home = (cfg.home / "dagster").resolve()
+    home = Path(os.environ.get("DAGSTER_HOME") or cfg.home / "dagster").resolve()
     home.mkdir(parents=True, exist_ok=True)
-    os.environ.setdefault("DAGSTER_HOME", str(home))
-    template = Path.cwd() / "dagster.yaml"
-    target = Path(os.environ["DAGSTER_HOME"]) / "dagster.yaml"
-    if template.exists() and not target.exists():
-        shutil.copy(template, target)
-    return dg.DagsterInstance.get()
+    os.environ["DAGSTER_HOME"] = str(home)
+    if not (home / "dagster.yaml").exists():
+        shutil.copy(INSTANCE_SETTINGS, home / "dagster.yaml")
+    instance = dg.DagsterInstance.get()
+    fail_runs_of_dead_processes(instance)
+    return instance
+
+
+def fail_runs_of_dead_processes(instance) -> list[str]:
+    """Mark failed the runs started by a `distill` process of this host that no longer exists."""
+    import dagster as dg
+
+    failed = []
+    running = instance.get_runs(filters=dg.RunsFilter(
+        statuses=[dg.DagsterRunStatus.STARTED, dg.DagsterRunStatus.STARTING], tags={RUN_HOST_TAG: socket.gethostname()}))
+    for run in running:
+        pid = int(run.tags.get(RUN_PID_TAG) or 0)
+        if pid and not _process_alive(pid):
+            instance.report_run_failed(run, f"the distill process (pid {pid}) running it ended without finishing it "
+                                            "(killed?); marked failed by the next distill command")
+            failed.append(run.run_id)
+    if failed:
+        print(f"marked {len(failed)} run(s) of killed distill processes as failed: {', '.join(failed)}", flush=True)
+    return failed
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def register_prompt_versions(cfg: PipelineConfig, instance) -> list[str]:
@@ -82,6 +119,7 @@ def materialize(defs, select: list[str], partition: str | None, instance) -> Non
     print(f"materializing {', '.join(select)}" + (f" [{partition}]" if partition else ""), flush=True)
     result = dg.materialize(list(defs.assets or []) + list(defs.asset_checks or []), selection=select,
                             partition_key=partition, instance=instance, resources=dict(defs.resources or {}),
+                            tags={RUN_HOST_TAG: socket.gethostname(), RUN_PID_TAG: str(os.getpid())},
                             raise_on_error=False)
     if not result.success:
         raise SystemExit(f"materialization of {select} failed; see the run in the Dagster UI (make dev)")
@@ -121,14 +159,23 @@ def cmd_materialize(args, cfg: PipelineConfig) -> None:
 
     defs = build_defs(args.config)
     instance = dagster_instance(cfg)
-    register_prompt_versions(cfg, instance)
+    keys = register_prompt_versions(cfg, instance)
+    plain, partitioned = asset_chain(defs)
+    if args.all_versions and args.partition:
+        raise UserError("--all-versions and --partition: choose one")
     select = args.assets
     if not select:
-        plain, partitioned = asset_chain(defs)
-        select = plain if args.partition is None else partitioned
-        print(f"no assets named: materializing {'the export' if args.partition is None else 'the chain of ' + args.partition} "
-              f"({', '.join(select)}); name assets to choose", flush=True)
-    materialize(defs, select, args.partition, instance)
+        select = partitioned if (args.partition or args.all_versions) else plain
+        what = "the export" if select == plain else "the chain of each prompt version"
+        print(f"no assets named: materializing {what} ({', '.join(select)}); name assets to choose", flush=True)
+    if not args.all_versions:
+        materialize(defs, select, args.partition, instance)
+        return
+    if any(name in plain for name in select):
+        raise UserError(f"--all-versions runs prompt-version assets; {', '.join(n for n in select if n in plain)} "
+                        "is not one (materialize it without --all-versions)")
+    for key in keys:
+        materialize(defs, select, key, instance)
 
 
 def cmd_seed(args, cfg: PipelineConfig) -> None:
@@ -205,6 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
     mat = sub.add_parser("materialize", help="materialize assets through Dagster")
     mat.add_argument("assets", nargs="*")
     mat.add_argument("--partition", help="prompt version key (see `distill prompts`)")
+    mat.add_argument("--all-versions", action="store_true",
+                     help="materialize the prompt-version assets for every version in prompts_dir")
     mat.set_defaults(func=cmd_materialize)
     seed = sub.add_parser("seed-demo", help="create and fill the demo table")
     seed.add_argument("--rows", type=int, default=5000)

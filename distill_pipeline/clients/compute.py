@@ -251,6 +251,8 @@ class KubernetesCompute(ComputeClient):
             "DISTILL_HOME": str(self.pod_home()),
             CONFIG_YAML_ENV: pod_config_yaml(job.cfg),
             "HF_HOME": str(self.pod_home() / "hf-cache"),
+            # converted base models on the shared volume, not in the container's ephemeral ~/.cache
+            "DISTILL_MODEL_CACHE": str(self.pod_home() / "base_models"),
             **self.cfg.env,
             **{k: v for k, v in job.env.items() if k not in self.cfg.secret_env},
         }

@@ -85,7 +85,8 @@ def curated_examples(context: dg.AssetExecutionContext, settings: SettingsResour
     description="Sticky, stratified, leakage-free train/val/test (Parquet and a datasets.DatasetDict).",
     check_specs=[dg.AssetCheckSpec("no_leakage_between_splits", asset="dataset_splits", blocking=True),
                  dg.AssetCheckSpec("no_empty_split", asset="dataset_splits", blocking=True),
-                 dg.AssetCheckSpec("label_shares_match_whole", asset="dataset_splits")],
+                 dg.AssetCheckSpec("label_shares_match_whole", asset="dataset_splits"),
+                 dg.AssetCheckSpec("field_shares_match_whole", asset="dataset_splits")],
 )
 def dataset_splits(context: dg.AssetExecutionContext, settings: SettingsResource):
     from distill_pipeline.stages.dataset_splits import build_dataset_splits, read_splits
@@ -106,6 +107,9 @@ def dataset_splits(context: dg.AssetExecutionContext, settings: SettingsResource
     balance_ok, balance = checks.check_label_balance(parts, cfg.split.max_label_share_gap)
     yield dg.AssetCheckResult(check_name="label_shares_match_whole", passed=balance_ok,
                               severity=dg.AssetCheckSeverity.WARN, metadata=as_metadata(balance))
+    fields_ok, fields = checks.check_field_balance(parts, cfg.task, cfg.split.max_label_share_gap)
+    yield dg.AssetCheckResult(check_name="field_shares_match_whole", passed=fields_ok,
+                              severity=dg.AssetCheckSeverity.WARN, metadata=as_metadata(fields))
 
 
 @dg.asset(

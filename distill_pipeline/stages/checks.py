@@ -168,3 +168,26 @@ def answers_mostly_usable(counts: dict[str, int], rows: int, max_bad_share: floa
     bad = counts.get("failed", 0) + counts.get("invalid", 0) + counts.get("over_budget", 0)
     share = round(bad / answerable, 4) if answerable else 0.0
     return share <= max_bad_share, share
+
+
+def check_field_balance(splits: dict[str, Any], task: TaskConfig, max_gap: float) -> tuple[bool, dict]:
+    """Every enum field's value shares per split within `max_gap` of the whole's, read from the written targets
+    (so a multi-field task is balanced on each field, not only on the combination it is stratified on)."""
+    fields = [name for name, spec in task.fields.items() if spec.enum is not None] if task.kind == "extraction" else []
+    worst: dict[str, dict] = {}
+    passed = True
+    for name in fields:
+        values = {}
+        for split, part in splits.items():
+            objects = [json.loads(t) for t in part.column("target").to_pylist()]
+            values[split] = [str(o.get(name)) for o in objects if task.skip_key is None or task.skip_key not in o]
+        whole = label_shares([v for vs in values.values() for v in vs])
+        gaps = {}
+        for split, vs in values.items():
+            mine = label_shares(vs)
+            value, gap = max(((v, abs(mine.get(v, 0.0) - share)) for v, share in whole.items()),
+                             key=lambda kv: kv[1], default=("-", 0.0))
+            gaps[split] = {"value": value, "gap": round(gap, 4)}
+        worst[name] = gaps
+        passed = passed and all(g["gap"] <= max_gap for g in gaps.values())
+    return passed, {"worst_gap_per_field": worst, "max_gap": max_gap}

