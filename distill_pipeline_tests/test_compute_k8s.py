@@ -19,7 +19,7 @@ import yaml
 from dagster_pipes import decode_param
 
 from distill_pipeline.clients import object_store
-from distill_pipeline.clients.compute import CONFIG_YAML_ENV, KubernetesCompute, TrainJob
+from distill_pipeline.clients.compute import CONFIG_YAML_ENV, KubernetesCompute, WorkerJob
 from distill_pipeline.clients.object_store import pull_dir, push_dir
 from distill_pipeline.config import ConfigError, load_config
 
@@ -76,7 +76,7 @@ def _job(cfg, path):
     splits = cfg.stage_dir("dataset_splits", PV)
     splits.mkdir(parents=True)
     (splits / "train.parquet").write_bytes(b"train")
-    return TrainJob(cfg=cfg, config_file=path, prompt_version=PV, splits_dir=splits,
+    return WorkerJob(cfg=cfg, config_file=path, prompt_version=PV, splits_dir=splits,
                     output_dir=cfg.stage_dir("student_adapter", PV),
                     env={"MLFLOW_TRACKING_URI": "sqlite:////dagster-side/mlflow.db", "MLFLOW_RUN_ID": RUN_ID})
 
@@ -275,7 +275,7 @@ def test_local_mlflow_store_is_refused_for_a_pod(tmp_path, monkeypatch):
 def test_credential_from_code_is_refused(tmp_path, monkeypatch):
     cfg, path = _config(tmp_path, monkeypatch, reader="logs")
     job = _job(cfg, path)
-    job = TrainJob(**{**job.__dict__, "env": {**job.env, "AWS_SECRET_ACCESS_KEY": "abc"}})
+    job = WorkerJob(**{**job.__dict__, "env": {**job.env, "AWS_SECRET_ACCESS_KEY": "abc"}})
     with pytest.raises(ValueError, match="AWS_SECRET_ACCESS_KEY .*looks like a credential"):
         KubernetesCompute(cfg.compute.kubernetes).build_pod_spec(job)
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import dagster as dg
 
-from distill_pipeline.clients.compute import LocalCompute, TrainJob, pod_config_yaml, worker_command
+from distill_pipeline.clients.compute import LocalCompute, WorkerJob, pod_config_yaml, worker_command
 from distill_pipeline.clients.object_store import push_dir
 from distill_pipeline.workers.pod import main as pod_main
 from distill_pipeline.config import LocalComputeConfig, load_config
@@ -31,7 +31,7 @@ def _job(tmp_path):
     splits = cfg.stage_dir("dataset_splits", PV)
     splits.mkdir(parents=True)
     (splits / "train.parquet").write_bytes(b"x")
-    return cfg, TrainJob(cfg=cfg, config_file=cfg_path, prompt_version=PV, splits_dir=splits,
+    return cfg, WorkerJob(cfg=cfg, config_file=cfg_path, prompt_version=PV, splits_dir=splits,
                          output_dir=cfg.stage_dir("student_adapter", PV), env={"MLFLOW_RUN_ID": "run-42"})
 
 

@@ -40,8 +40,8 @@ HOME_VOLUME = "distill-home"
 
 
 @dataclass(frozen=True)
-class TrainJob:
-    """One training run, in the Dagster side's terms (paths under cfg.home)."""
+class WorkerJob:
+    """One run of a worker process (training, evaluation), in the Dagster side's terms (paths under cfg.home)."""
 
     cfg: PipelineConfig
     config_file: Path  # the YAML the Dagster side loaded (the local worker reads the same file)
@@ -49,6 +49,9 @@ class TrainJob:
     splits_dir: Path
     output_dir: Path
     env: Mapping[str, str] = field(default_factory=dict)  # MLFLOW_TRACKING_URI, MLFLOW_RUN_ID, ...
+    module: str | None = None  # the worker's module; None -> the training worker
+    num_processes: int | None = None  # None -> the backend's (compute.local.num_processes / one per GPU)
+    input_dirs: tuple[Path, ...] = ()  # other folders the worker reads (staged to the pod like splits_dir)
 
 
 def worker_command(
@@ -99,12 +102,12 @@ def free_port() -> int:
 
 
 class ComputeClient(ABC):
-    """Starts the training worker for one `TrainJob` inside a Pipes session."""
+    """Starts the training worker for one `WorkerJob` inside a Pipes session."""
 
     backend: str
 
     @abstractmethod
-    def run(self, context: Any, job: TrainJob, extras: Mapping[str, Any] | None = None) -> Any:
+    def run(self, context: Any, job: WorkerJob, extras: Mapping[str, Any] | None = None) -> Any:
         """Run the worker to completion; returns the Pipes `PipesClientCompletedInvocation`."""
 
     @abstractmethod
@@ -130,7 +133,7 @@ class BoundCompute:
     def describe(self) -> dict[str, Any]:
         return self.client.describe()
 
-    def run(self, job: TrainJob) -> WorkerReport:
+    def run(self, job: WorkerJob) -> WorkerReport:
         invocation = self.client.run(self.context, job, extras={"mlflow_run_id": job.env.get("MLFLOW_RUN_ID"),
                                                                 "prompt_version": job.prompt_version})
         metadata: dict[str, Any] = {}
@@ -151,23 +154,23 @@ class LocalCompute(ComputeClient):
         self.cwd = cwd
         self.module = module
 
-    def command(self, job: TrainJob) -> list[str]:
+    def command(self, job: WorkerJob) -> list[str]:
         return worker_command(
             python=self.python,
-            num_processes=self.cfg.num_processes,
+            num_processes=job.num_processes or self.cfg.num_processes,
             config_file=str(Path(job.config_file).resolve()),
             prompt_version=job.prompt_version,
             splits_dir=str(Path(job.splits_dir).resolve()),
             output_dir=str(Path(job.output_dir).resolve()),
-            port=free_port() if self.cfg.num_processes > 1 else None,
-            module=self.module,
+            port=free_port() if (job.num_processes or self.cfg.num_processes) > 1 else None,
+            module=job.module or self.module,
         )
 
-    def environment(self, job: TrainJob) -> dict[str, str]:
+    def environment(self, job: WorkerJob) -> dict[str, str]:
         # The subprocess also inherits the Dagster process's environment (DISTILL_HOME, DATABASE_URL, ...).
         return {**worker_env(self.cfg.use_cpu), **self.cfg.env, **job.env}
 
-    def run(self, context: Any, job: TrainJob, extras: Mapping[str, Any] | None = None) -> Any:
+    def run(self, context: Any, job: WorkerJob, extras: Mapping[str, Any] | None = None) -> Any:
         from dagster import PipesSubprocessClient
 
         client = PipesSubprocessClient(cwd=self.cwd, termination_timeout_seconds=60)
@@ -224,7 +227,7 @@ class KubernetesCompute(ComputeClient):
             return PurePosixPath(self.cfg.scratch_path) / "home"
         return PurePosixPath(self.cfg.mount_path)
 
-    def pod_path(self, job: TrainJob, local: Path) -> PurePosixPath:
+    def pod_path(self, job: WorkerJob, local: Path) -> PurePosixPath:
         home = Path(job.cfg.home).resolve()
         try:
             rel = Path(local).resolve().relative_to(home)
@@ -235,7 +238,7 @@ class KubernetesCompute(ComputeClient):
             ) from None
         return self.pod_home() / PurePosixPath(*rel.parts)
 
-    def _env(self, job: TrainJob) -> list[dict[str, Any]]:
+    def _env(self, job: WorkerJob) -> list[dict[str, Any]]:
         if self.tracking_uri is None and "MLFLOW_TRACKING_URI" not in self.cfg.secret_env:
             raise ValueError("no MLflow tracking URI for the pod: set tracking.uri or compute.kubernetes.tracking_uri")
         if "MLFLOW_TRACKING_URI" not in self.cfg.secret_env:
@@ -272,22 +275,26 @@ class KubernetesCompute(ComputeClient):
         ]
         return env
 
-    def command(self, job: TrainJob) -> list[str]:
+    def command(self, job: WorkerJob) -> list[str]:
         """The container command: the pod wrapper, which starts the worker like the local backend."""
         cmd = [
             "python", "-m", POD_MODULE,
             "--prompt-version", job.prompt_version,
             "--splits-dir", str(self.pod_path(job, job.splits_dir)),
             "--output-dir", str(self.pod_path(job, job.output_dir)),
-            "--num-processes", str(max(1, self.cfg.gpus)),
+            "--num-processes", str(job.num_processes or max(1, self.cfg.gpus)),
         ]
+        if job.module:
+            cmd += ["--module", job.module]
+        for folder in job.input_dirs:
+            cmd += ["--input-dir", str(self.pod_path(job, folder))]
         if self.cfg.gpus == 0:
             cmd.append("--cpu")
         if self.cfg.object_store_root:
             cmd += ["--object-store-root", self.cfg.object_store_root, "--home", str(self.pod_home())]
         return cmd
 
-    def build_pod_spec(self, job: TrainJob) -> tuple[dict[str, Any], dict[str, Any]]:
+    def build_pod_spec(self, job: WorkerJob) -> tuple[dict[str, Any], dict[str, Any]]:
         """(pod metadata, pod spec) in the API's camelCase, exactly as sent (Pipes adds its env vars)."""
         k8s = self.cfg
         resources: dict[str, dict[str, str]] = {"limits": {}, "requests": {}}
@@ -350,7 +357,7 @@ class KubernetesCompute(ComputeClient):
             meta["annotations"] = dict(k8s.annotations)
         return meta, spec
 
-    def message_reader(self, job: TrainJob, run_id: str) -> Any:
+    def message_reader(self, job: WorkerJob, run_id: str) -> Any:
         if self.cfg.message_reader == "logs":
             from dagster_k8s.pipes import PipesK8sPodLogsMessageReader
 
@@ -360,12 +367,13 @@ class KubernetesCompute(ComputeClient):
         local.parent.mkdir(parents=True, exist_ok=True)
         return shared_file_message_reader(str(local), str(self.pod_home() / "pipes" / name))
 
-    def run(self, context: Any, job: TrainJob, extras: Mapping[str, Any] | None = None) -> Any:
+    def run(self, context: Any, job: WorkerJob, extras: Mapping[str, Any] | None = None) -> Any:
         from dagster_k8s import PipesK8sClient
 
         meta, spec = self.build_pod_spec(job)
         if self.cfg.object_store_root:
-            push_dir(job.splits_dir, object_uri(self.cfg.object_store_root, job.cfg.home, job.splits_dir))
+            for folder in (job.splits_dir, *job.input_dirs):
+                push_dir(folder, object_uri(self.cfg.object_store_root, job.cfg.home, folder))
         client = PipesK8sClient(
             message_reader=self.message_reader(job, context.run_id),
             load_incluster_config=self.cfg.load_incluster_config,

@@ -24,7 +24,7 @@ from typing import Any, Mapping
 
 from distill_pipeline import __version__
 from distill_pipeline.clients import tracking
-from distill_pipeline.clients.compute import BoundCompute, TrainJob, pod_config_yaml, public_config
+from distill_pipeline.clients.compute import BoundCompute, WorkerJob, pod_config_yaml, public_config
 from distill_pipeline.config import PipelineConfig, TrainConfig
 from distill_pipeline.stages.student_model import ADAPTER_CONFIG, ADAPTER_DIR, ADAPTER_FILES, ADAPTER_WEIGHTS
 
@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 
 RECORD = "adapter_record.json"
 # Config sections that say nothing about how the student was trained (or hold endpoints).
-_NOT_TRAINING = {"home", "prompts_dir", "database", "source", "teacher", "curate", "compute", "tracking"}
+_NOT_TRAINING = {"home", "prompts_dir", "database", "source", "teacher", "curate", "compute", "tracking", "eval"}
 _NOT_IN_KEY = {f"train.{name}" for name in TrainConfig.NOT_AFFECTING_ADAPTER}
 
 
@@ -77,7 +77,7 @@ def build_student_adapter(cfg: PipelineConfig, prompt_version: str, *, config_fi
             run.log_dataset(data[name]["path"], f"{pv}/{name}", data[name]["sha256"], context_tag)
         run.log_text(pod_config_yaml(cfg), "config", "pipeline.yaml")
 
-        job = TrainJob(cfg=cfg, config_file=config_file, prompt_version=pv, splits_dir=splits_dir,
+        job = WorkerJob(cfg=cfg, config_file=config_file, prompt_version=pv, splits_dir=splits_dir,
                        output_dir=output_dir, env=run.worker_env())
         worker = compute.run(job)
 

@@ -36,6 +36,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--object-store-root")
     parser.add_argument("--home")
     parser.add_argument("--module", default=WORKER_MODULE)
+    parser.add_argument("--input-dir", action="append", default=[], help="another folder the worker reads")
     args = parser.parse_args(argv)
 
     if args.object_store_root and not args.home:
@@ -58,6 +59,10 @@ def _stage_and_train(args: argparse.Namespace, config_file: Path) -> int:
         if not pull_dir(splits_uri, splits):
             print(f"no dataset splits at {splits_uri}", file=sys.stderr)
             return 2
+        for folder in map(Path, args.input_dir):
+            if not pull_dir(object_uri(args.object_store_root, home, folder), folder):
+                print(f"no input at {object_uri(args.object_store_root, home, folder)}", file=sys.stderr)
+                return 2
         pull_dir(object_uri(args.object_store_root, home, output), output)  # earlier checkpoints: resume
 
     cmd = worker_command(
