@@ -5,7 +5,8 @@
                                         materialize assets through Dagster (runs show in the UI)
     distill seed-demo [--rows N]        create/fill the demo table only
     distill prompts                     prompt versions: keys, stored answers reused, inputs to buy and cost
-    distill check-config                validate the config and print it (secrets masked)
+    distill check-config [--ping-teacher]
+                                        check config, table, columns, prompts and stored outputs
     distill export | curate K | split K run one data stage directly, without Dagster
 
 Every command reads the config from --config, else $DISTILL_CONFIG, else the demo config.
@@ -217,7 +218,21 @@ def cmd_prompts(args, cfg: PipelineConfig) -> None:
 
 
 def cmd_check_config(args, cfg: PipelineConfig) -> None:
+    """The validated config (secrets masked), then one line per finding; exit status 1 on any error."""
+    from distill_pipeline.config import resolve_config_file
+    from distill_pipeline.masking import mask_url
+    from distill_pipeline.preflight import run_checks
+
     print(json.dumps(cfg.model_dump(mode="json"), indent=2))  # SecretStr dumps as '**********'
+    findings = run_checks(cfg, resolve_config_file(args.config), ping_teacher=args.ping_teacher)
+    print()
+    for finding in findings:
+        print(mask_url(finding.line()))  # a finding never carries the URL's password; masked again anyway
+    errors = sum(f.level == "error" for f in findings)
+    warnings = sum(f.level == "warning" for f in findings)
+    print(f"\ncheck-config: {errors} error(s), {warnings} warning(s)")
+    if errors:
+        sys.exit(1)
 
 
 def cmd_export(args, cfg: PipelineConfig) -> None:
@@ -260,7 +275,10 @@ def build_parser() -> argparse.ArgumentParser:
     seed.add_argument("--seed", type=int, default=7)
     seed.set_defaults(func=cmd_seed)
     sub.add_parser("prompts", help="list prompt versions").set_defaults(func=cmd_prompts)
-    sub.add_parser("check-config", help="validate and print the config").set_defaults(func=cmd_check_config)
+    check = sub.add_parser("check-config", help="check the config against the database, prompts and teacher")
+    check.add_argument("--ping-teacher", action="store_true",
+                       help="also ask teacher.base_url for /models (a 1-token completion if it has none)")
+    check.set_defaults(func=cmd_check_config)
     sub.add_parser("export", help="run source_rows without Dagster").set_defaults(func=cmd_export)
     for name, func in (("curate", cmd_curate), ("split", cmd_split)):
         p = sub.add_parser(name, help=f"run the {name} stage without Dagster")
@@ -273,11 +291,24 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("pgserver").setLevel(logging.WARNING)  # it logs every pg_ctl call at INFO
     args = build_parser().parse_args(argv)
+    from distill_pipeline.stages.prompts import PromptError
+
     try:
         cfg = load_config(args.config)
         args.func(args, cfg)
-    except (ConfigError, UserError) as exc:
-        print(f"distill: {exc}", file=sys.stderr)
+    except (ConfigError, UserError, PromptError, ConnectionError, FileNotFoundError) as exc:
+        # User errors (a setting, a prompt file, an unreachable database, a stage not run yet): one line,
+        # exit status 2. Anything else is a bug and keeps its traceback.
+        from distill_pipeline.masking import mask_url
+
+        message = str(exc)
+        setting = getattr(exc, "setting", None)  # e.g. the export's SourceTableError
+        if setting:
+            from distill_pipeline.config import resolve_config_file
+            from distill_pipeline.preflight import setting_origin
+
+            message += f" ({setting} {setting_origin(setting, resolve_config_file(args.config))})"
+        print(f"distill: {mask_url(message)}", file=sys.stderr)
         sys.exit(2)
 
 

@@ -2,20 +2,25 @@
 
 The URL is a secret (it may carry a password): use `Database.safe_url` in logs
 and metadata, never `url`.
+
+Teams often have their URL in SQLAlchemy form (`postgresql+psycopg://`, `postgresql+psycopg2://`)
+or Heroku form (`postgres://`): `normalize_url` turns those into the libpq form psycopg and ADBC
+take, here and nowhere else, and `Database.sqlalchemy_url` gives the SQLAlchemy form back.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import threading
 from pathlib import Path
 from typing import Iterator
 
 import psycopg
 
-from distill_pipeline.config import PipelineConfig
-from distill_pipeline.masking import mask_url
+from distill_pipeline.config import ConfigError, PipelineConfig
+from distill_pipeline.masking import mask, mask_url
 
 log = logging.getLogger(__name__)
 
@@ -43,9 +48,32 @@ def embedded_url(home: Path) -> str:
     return server.get_uri()
 
 
+_URL_SCHEME = re.compile(r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*)://")
+
+
+def normalize_url(url: str) -> str:
+    """`url` as libpq (psycopg, ADBC) accepts it: `postgresql+<driver>://` and `postgres://` become
+    `postgresql://`; a libpq keyword string (`host=... dbname=...`) is left as it is."""
+    url = url.strip()
+    match = _URL_SCHEME.match(url)
+    if match is None:
+        return url
+    base = match.group("scheme").lower().partition("+")[0]
+    if base not in ("postgresql", "postgres"):
+        # Only the scheme is shown: the rest of the URL may hold a password.
+        raise ConfigError(f"database.url (or DATABASE_URL): {match.group('scheme')}:// is not a Postgres URL; "
+                          "expected postgresql://user:password@host:5432/db (postgresql+psycopg:// and "
+                          "postgres:// are accepted too)")
+    return "postgresql://" + url[match.end():]
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
 class Database:
     def __init__(self, url: str, schema_name: str = "distill"):
-        self.url = url
+        self.url = normalize_url(url)
         self.schema_name = schema_name
 
     @classmethod
@@ -57,11 +85,22 @@ class Database:
     def safe_url(self) -> str:
         return mask_url(self.url)
 
+    @property
+    def sqlalchemy_url(self) -> str:
+        """The SQLAlchemy form (psycopg 3 dialect). A keyword string has no URL form: then only the
+        dialect is named, and the engine must connect through `connect` (create_engine(creator=...))."""
+        if self.url.startswith("postgresql://"):
+            return "postgresql+psycopg://" + self.url[len("postgresql://"):]
+        return "postgresql+psycopg://"
+
     def connect(self, autocommit: bool = False) -> psycopg.Connection:
         try:
             return psycopg.connect(self.url, autocommit=autocommit)
         except psycopg.OperationalError as exc:
-            raise ConnectionError(f"cannot connect to Postgres at {self.safe_url}: {exc}") from None
+            raise ConnectionError(f"cannot connect to Postgres at {self.safe_url}: {_one_line(exc)}") from None
+        except psycopg.ProgrammingError as exc:  # libpq could not parse it; its message quotes the whole URL
+            raise ConnectionError(f"database.url (or DATABASE_URL) is not a valid Postgres URL: "
+                                  f"{_one_line(mask(str(exc), self.url))}") from None
 
     @contextlib.contextmanager
     def cursor(self) -> Iterator[psycopg.Cursor]:
@@ -71,7 +110,14 @@ class Database:
     @contextlib.contextmanager
     def arrow_source(self) -> Iterator["ArrowSource"]:
         """Reads queries as Arrow batches; one per export, shared by its streams."""
-        with contextlib.closing(ArrowSource(self.url)) as source:
+        import adbc_driver_manager
+
+        try:
+            source = ArrowSource(self.url)  # ADBC connects here
+        except adbc_driver_manager.Error as exc:
+            raise ConnectionError(f"cannot connect to Postgres at {self.safe_url}: "
+                                  f"{_one_line(mask(str(exc), self.url))}") from None
+        with contextlib.closing(source):
             yield source
 
 

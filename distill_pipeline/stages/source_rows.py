@@ -17,6 +17,7 @@ bounded by one batch and one open Parquet writer, whatever the table size.
 
 from __future__ import annotations
 
+import difflib
 import gc
 import json
 import logging
@@ -37,7 +38,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from distill_pipeline.clients.postgres import ArrowSource, Database, quote_ident, quote_table
-from distill_pipeline.config import PipelineConfig, SourceConfig
+from distill_pipeline.config import ConfigError, PipelineConfig, SourceConfig
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +112,64 @@ def build_query(source: SourceConfig, since: datetime | None, until: datetime | 
     if where:
         sql += " WHERE " + " AND ".join(where)
     return sql + f" ORDER BY {quote_ident(c.created_at)}, {quote_ident(c.id)}"
+
+
+class SourceTableError(ConfigError):
+    """source.table or a source.columns entry names something the database does not have.
+
+    `setting` is the config key, so the CLI can add where it was set (the file or a variable)."""
+
+    def __init__(self, setting: str, message: str):
+        super().__init__(message)
+        self.setting = setting
+
+
+def did_you_mean(name: str, candidates: list[str]) -> str:
+    """' (did you mean 'x'?)' for the closest candidates, case-insensitively; '' when none is close."""
+    by_lower = {c.lower(): c for c in candidates}
+    close = difflib.get_close_matches(name.lower(), list(by_lower), n=2, cutoff=0.6)
+    return f" (did you mean {' or '.join(repr(by_lower[c]) for c in close)}?)" if close else ""
+
+
+def mapping_problems(source: SourceConfig, table_columns: list[str] | None, tables: list[str] = (),
+                     where: str = "the database") -> list[tuple[str, str]]:
+    """(setting, message) for the table missing (`table_columns` None; `tables`: names to suggest from)
+    or for each mapped column it lacks. Shared by the export and `distill check-config`."""
+    if table_columns is None:
+        return [("source.table", f"source.table={source.table!r}: no such table or view in {where}"
+                 + did_you_mean(source.table.split(".")[-1], list(tables)))]
+    listed = ", ".join(table_columns[:30]) + (f", ... ({len(table_columns) - 30} more)" if len(table_columns) > 30 else "")
+    problems = []
+    for key, column in source.columns.model_dump().items():
+        if column is not None and column not in table_columns:
+            problems.append((f"source.columns.{key}",
+                             f"source.columns.{key}={column!r}: table {source.table} has no such column"
+                             + did_you_mean(column, table_columns) + f"; its columns are {listed}"))
+    return problems
+
+
+def _check_source_table(db: Database, source: SourceConfig) -> None:
+    """Fail before reading with the setting named, instead of Postgres' error deep inside the read."""
+    with db.connect() as conn:
+        # to_regclass resolves the name exactly as the export query does (search_path, quoting).
+        oid = conn.execute("SELECT to_regclass(%s)::oid", (quote_table(source.table),)).fetchone()[0]
+        if oid is None:
+            schema = source.table.split(".")[0] if "." in source.table else None
+            tables = [r[0] for r in conn.execute(
+                "SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+                "WHERE n.nspname = coalesce(%s, current_schema()) AND c.relkind IN ('r', 'v', 'm', 'p', 'f')",
+                (schema,))]
+            columns = None
+        else:
+            tables = []
+            columns = [r[0] for r in conn.execute(
+                "SELECT attname FROM pg_attribute WHERE attrelid = %s AND attnum > 0 AND NOT attisdropped "
+                "ORDER BY attnum", (oid,))]
+    problems = mapping_problems(source, columns, tables)
+    if problems:
+        setting, first = problems[0]
+        more = f" (and {len(problems) - 1} more: {', '.join(k for k, _ in problems[1:])})" if len(problems) > 1 else ""
+        raise SourceTableError(setting, first + more)
 
 
 def query_fingerprint(source: SourceConfig) -> str:
@@ -302,6 +361,7 @@ def export_source_rows(db: Database, source: SourceConfig, stage_dir: Path) -> E
         start = mark - timedelta(seconds=source.overlap_seconds)
         since = datetime(start.year, start.month, start.day, tzinfo=timezone.utc)  # whole days are rewritten
 
+    _check_source_table(db, source)
     staging = stage_dir / f".staging-{uuid.uuid4().hex[:8]}"
     staging.mkdir()
     ranges = _split_days(db, source, since)
