@@ -71,3 +71,17 @@ def test_task_needs_its_settings(tmp_path):
     with pytest.raises(ConfigError, match="label_field"):
         load_config(_write(tmp_path, "task:\n  kind: extraction\n  label_field: nope\n  fields:\n    a: {}\n"),
                     env={})
+
+
+def test_one_base_model_cache_per_machine(tmp_path, monkeypatch):
+    """Every home shares one converted base model: the cache is not under DISTILL_HOME."""
+    from distill_pipeline.config import BaseModelConfig
+
+    monkeypatch.delenv("DISTILL_MODEL_CACHE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert BaseModelConfig().cache_root() == tmp_path / "xdg" / "distill_pipeline" / "base_models"
+    assert load_config(env={"DISTILL_HOME": str(tmp_path / "a")}).train.base_model.cache_root() == \
+        load_config(env={"DISTILL_HOME": str(tmp_path / "b")}).train.base_model.cache_root()
+    monkeypatch.setenv("DISTILL_MODEL_CACHE", str(tmp_path / "shared"))
+    assert BaseModelConfig().cache_root() == tmp_path / "shared"
+    assert BaseModelConfig(cache_dir=tmp_path / "mine").cache_root() == tmp_path / "mine"

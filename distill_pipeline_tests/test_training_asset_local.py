@@ -244,3 +244,55 @@ def test_config_flag_drives_data_training_compute_and_mlflow(tmp_path, tiny_mode
     assert [r.info.status for r in runs] == ["FINISHED"]
     assert runs[0].data.params["data.train.sha256"] == manifest["splits"]["train"]["sha256"]
     assert runs[0].data.tags["dagster.partition"] == key
+
+
+def test_any_dagster_home_gets_the_settings_and_a_killed_run_is_marked_failed(tmp_path, tiny_models):  # noqa: F811
+    """Outside the checkout: the DAGSTER_HOME a command uses gets the pipeline's instance settings; a `distill`
+    process killed mid-run leaves its run STARTED, and the next command marks it failed."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from distill_pipeline.stages.prompts import load_prompts
+
+    prompts = tmp_path / "prompts"
+    prompts.mkdir()
+    shutil.copy(REPO / "distill_pipeline" / "demo" / "prompts" / "sec_events_v1.yaml", prompts)
+    cfg_path = write_config(tmp_path / "cfg.yaml", tmp_path / "home", tiny_models["llama"],
+                            {"max_steps": 100_000, "eval_steps": 100_000, "max_seq_len": 256,
+                             "early_stopping_patience": None})
+    cfg = load_config(cfg_path, env={})
+    (key,) = load_prompts(cfg.prompts_dir)
+    dataset_splits.write_splits(pa.Table.from_pylist(demo_split_rows(40, seed=3)), cfg.split,
+                                cfg.stage_dir("dataset_splits", key), key, curate=cfg.curate)
+    dagster_home = tmp_path / "somewhere" / "dagster-home"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DISTILL", "MLFLOW_"))}
+    env["DAGSTER_HOME"] = str(dagster_home)
+    command = [sys.executable, "-m", "distill_pipeline.cli", "--config", str(cfg_path), "materialize"]
+
+    proc = subprocess.Popen(command + ["student_adapter", "--partition", key], cwd=tmp_path, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while not (cfg.stage_dir("student_adapter", key) / "run_state.json").exists():  # the worker is training
+            assert proc.poll() is None and time.time() < deadline, "training never started"
+            time.sleep(0.5)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the CLI and its worker, as an OOM kill or a lost laptop lid would
+        proc.wait()
+    assert (dagster_home / "dagster.yaml").read_text() == (REPO / "distill_pipeline" / "dagster.yaml").read_text()
+
+    def statuses() -> list[str]:
+        instance = dg.DagsterInstance.from_config(str(dagster_home))
+        try:
+            return [r.status.value for r in instance.get_runs()]
+        finally:
+            instance.dispose()
+
+    assert statuses() == ["STARTED"]
+    again = subprocess.run(command + ["no_such_asset"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                           timeout=300)
+    assert again.returncode == 2 and "marked 1 run(s) of killed distill processes as failed" in again.stdout
+    assert statuses() == ["FAILURE"]
