@@ -12,6 +12,7 @@ Environment overrides (applied after the file):
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from pathlib import Path
@@ -242,9 +243,6 @@ class TeacherConfig(Section):
     # and grows only by new rows; changing sample_size recomputes it.
     sample_size: int | None = Field(None, ge=1)
     sample_salt: str = "distill-sample-v1"
-    # Answers are committed to the label cache every commit_batch answers or commit_interval_s.
-    commit_batch: int = Field(50, ge=1)
-    commit_interval_s: float = Field(1.0, gt=0)
     # Inputs recorded as failed by an earlier run are asked again (not paid: failures have no answer).
     retry_failed: bool = True
     progress: bool = True
@@ -253,6 +251,19 @@ class TeacherConfig(Section):
     # openai: any OpenAI-compatible endpoint at base_url. demo: the demo's stand-in teacher, started for
     # each teacher_labels run on a free loopback port (answers from the demo data); base_url is unused.
     kind: Literal["openai", "demo"] = "openai"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _removed_commit_settings(cls, data: Any) -> Any:
+        # commit_batch / commit_interval_s paced the old batched commits; each answer is now committed as
+        # it arrives, with a request slot held until then (clients/label_cache.py CacheWriter). Config files
+        # that still set them keep loading; the values are ignored.
+        if isinstance(data, dict) and {"commit_batch", "commit_interval_s"} & data.keys():
+            logging.getLogger(__name__).warning(
+                "teacher.commit_batch / teacher.commit_interval_s no longer have any effect (each teacher "
+                "answer is committed to the label cache as it arrives): remove them from the config")
+            data = {k: v for k, v in data.items() if k not in ("commit_batch", "commit_interval_s")}
+        return data
 
     @field_validator("base_url")
     @classmethod
@@ -513,6 +524,31 @@ class TrainConfig(Section):
         return self
 
 
+class EvalConfig(Section):
+    """eval_report: the student against the teacher on the test split, and the gate before promotion."""
+
+    # Evaluate on at most this many test rows (a fixed subset); None -> the whole test split.
+    max_rows: int | None = Field(None, ge=1)
+    batch_size: int = Field(8, ge=1)
+    max_new_tokens: int = Field(256, ge=1)
+    # Decode under the task's schema (the default for classification/extraction/regression).
+    constrained: bool = True
+    # Also decode this many rows without the schema, so the report shows what the constraint adds; 0: off.
+    unconstrained_rows: int = Field(32, ge=0)
+    # Requests timed one at a time (batch 1) for the p50/p95 latency.
+    latency_requests: int = Field(16, ge=1)
+    # The gate: the headline metric (field agreement, accuracy, chrF; MAE for regression, lower is better)
+    # must reach this (None -> 0.95 for agreement/accuracy; regression and generation need a value) ...
+    min_headline: float | None = None
+    # ... and be no worse than the current champion's by more than this.
+    champion_tolerance: float = Field(0.0, ge=0)
+    # MLflow registered model the passing adapters become versions of (alias `champion`).
+    registered_model: str = "distill-student"
+    # What the student costs to serve, USD per 1M tokens (a self-hosted student: your hardware's cost).
+    student_price_per_1m_input_tokens: float = Field(0.0, ge=0)
+    student_price_per_1m_output_tokens: float = Field(0.0, ge=0)
+
+
 class PipelineConfig(Section):
     home: Path = Path(".distill")
     prompts_dir: Path = Path("prompts")
@@ -525,6 +561,7 @@ class PipelineConfig(Section):
     compute: ComputeConfig = ComputeConfig()
     tracking: TrackingConfig = TrackingConfig()
     train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
 
     @property
     def artifacts_dir(self) -> Path:

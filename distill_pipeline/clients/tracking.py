@@ -325,3 +325,49 @@ class ExperimentStore:
             ok = True
         finally:
             finish_run(client, run_id, ok)
+
+
+class ModelRegistry:
+    """The MLflow model registry: adapters that passed the eval gate are versions of one registered model,
+    and the best of them carries the alias `champion`."""
+
+    CHAMPION = "champion"
+
+    def __init__(self, tracking_uri: str):
+        self.tracking_uri = tracking_uri
+
+    def _client(self) -> Any:
+        return mlflow_client(self.tracking_uri)
+
+    def champion(self, name: str) -> dict[str, Any] | None:
+        """{version, run_id, headline_value, ...tags} of the champion, None when there is none yet."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            version = self._client().get_model_version_by_alias(name, self.CHAMPION)
+        except MlflowException:  # no such model or alias yet
+            return None
+        return {"version": str(version.version), "run_id": version.run_id, **dict(version.tags or {})}
+
+    def register(self, name: str, run_id: str, artifact_path: str, tags: Mapping[str, Any]) -> str:
+        """A new version from the run's artifact folder (MLflow 3: `runs:/` resolves only to logged models)."""
+        from mlflow.exceptions import MlflowException
+
+        client = self._client()
+        try:
+            client.create_registered_model(name)
+        except MlflowException:  # exists already (or was created by a concurrent run)
+            pass
+        run = client.get_run(run_id)
+        version = client.create_model_version(name, source=f"{run.info.artifact_uri}/{artifact_path}", run_id=run_id,
+                                              tags={k: str(v) for k, v in tags.items() if v is not None})
+        return str(version.version)
+
+    def make_champion(self, name: str, version: str) -> None:
+        self._client().set_registered_model_alias(name, self.CHAMPION, version)
+
+    def log_to_run(self, run_id: str, folder: Path, artifact_path: str, metrics: Mapping[str, float]) -> None:
+        """The eval report and its figures on the (finished) MLflow run of the adapter it evaluated."""
+        tracker = MlflowTracker(self._client(), run_id)
+        tracker.log_artifact(folder, artifact_path)
+        tracker.log_metrics(metrics)

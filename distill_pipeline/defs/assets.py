@@ -136,3 +136,32 @@ def student_adapter(context: dg.AssetExecutionContext, settings: SettingsResourc
             "train_sha256": result.data["train"]["sha256"][:16], "val_sha256": result.data["val"]["sha256"][:16],
             "compute": result.compute}),
         data_version=dg.DataVersion(result.adapter_sha256[:16]))
+
+
+@dg.asset(
+    partitions_def=prompt_versions, deps=[student_adapter], group_name="evaluation", kinds={"pytorch", "mlflow"},
+    pool="gpu",
+    description="The student against the teacher on the test split: task metrics (constrained and not), latency, "
+                "tokens and cost of both, an HTML report; the gate registers a passing adapter in MLflow.",
+    check_specs=[dg.AssetCheckSpec("student_meets_the_bar", asset="eval_report", blocking=True,
+                                   description="headline metric >= eval.min_headline and no worse than the champion")],
+)
+def eval_report(context: dg.AssetExecutionContext, settings: SettingsResource, compute: ComputeResource,
+                mlflow: MlflowResource):
+    from distill_pipeline.stages.eval_report import build_eval_report
+
+    cfg, store = settings.load(), mlflow.store()
+    result = build_eval_report(cfg, context.partition_key, config_file=settings.path(), registry=mlflow.registry(),
+                               compute=compute.bound(context, tracking_uri=store.tracking_uri), logger=context.log)
+    report, gate = result.report, result.gate
+    yield dg.MaterializeResult(metadata=as_metadata({
+        "headline_metric": gate.headline_metric, "headline_value": gate.headline_value, "gate_passed": gate.passed,
+        "unconstrained_headline": (report["unconstrained"] or {}).get("headline_value"),
+        "report_path": result.html_path, "report_json_path": result.json_path, "failures": result.failures,
+        "failures_path": result.failures_path, "rows": report["rows"],
+        "latency_and_cost": report["latency_and_cost"], "loss_gap": report["training"]["loss_gap"],
+        "mlflow_run_id": result.mlflow_run_id, "registered_version": result.registered_version,
+        "champion": result.champion}))
+    yield dg.AssetCheckResult(check_name="student_meets_the_bar", passed=gate.passed, metadata=as_metadata({
+        "headline_metric": gate.headline_metric, "headline_value": gate.headline_value, "threshold": gate.threshold,
+        "champion_value": gate.champion_value, "reasons": gate.reasons or ["meets the bar"]}))

@@ -17,7 +17,7 @@ from pydantic import PrivateAttr
 from distill_pipeline.clients.compute import BoundCompute, compute_client
 from distill_pipeline.clients.postgres import Database
 from distill_pipeline.clients.teacher import DemoTeacher, OpenAICompatibleTeacher, TeacherEndpoint
-from distill_pipeline.clients.tracking import ExperimentStore
+from distill_pipeline.clients.tracking import ExperimentStore, ModelRegistry
 from distill_pipeline.config import PipelineConfig, load_config, resolve_config_file
 
 
@@ -104,3 +104,6 @@ class MlflowResource(dg.ConfigurableResource):
 
     def store(self) -> ExperimentStore:
         return ExperimentStore.from_config(self.settings.load(), self.tracking_uri, self.experiment)
+
+    def registry(self) -> ModelRegistry:
+        return ModelRegistry(self.store().tracking_uri)

@@ -212,6 +212,19 @@ def load_model(location: str, dtype: Any, attn_implementation: str = "sdpa", rev
 # --- adapter ----------------------------------------------------------------------------------
 
 
+def load_student(location: str, adapter_dir: Path, dtype_name: str = "auto", attn_implementation: str = "sdpa") -> Any:
+    """The full-precision base with the adapter merged in, ready for inference (eval, GGUF export)."""
+    from peft import PeftModel
+
+    if not (Path(adapter_dir) / ADAPTER_WEIGHTS).is_file():
+        raise FileNotFoundError(f"no adapter at {adapter_dir}: materialize student_adapter for this partition first")
+    base = load_model(location, resolve_dtype(dtype_name), attn_implementation)
+    model = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    model.eval()
+    return model
+
+
+
 def lora_target_modules(model: Any, targets: str | list[str]) -> list[str]:
     """Target module names, "all-linear" resolved to the short names of every linear layer but the output head.
 
