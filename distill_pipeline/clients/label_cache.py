@@ -6,8 +6,9 @@ Table `<schema>.label_cache`, one row per key:
     output      the teacher's raw answer text (NULL when failed)
     tokens_in, tokens_out, cost_usd, latency_ms, attempts, teacher_model, finish_reason, created_at, updated_at
 
-Answers are committed in batches as they arrive, so a run killed with SIGKILL loses at most one
-uncommitted batch and a re-run asks only for the keys that are missing.
+Each answer is committed as soon as it arrives (a group commit: see CacheWriter), so a run killed
+with SIGKILL loses only the answers of the requests in flight at that moment, and a re-run asks only
+for the keys that are missing.
 
 Two runs of the same partition at once: each run holds a Postgres advisory lock on its partition
 (a session lock on a dedicated connection) while it looks up and requests keys, so the second run
@@ -31,7 +32,7 @@ import hashlib
 import logging
 import time
 from dataclasses import dataclass
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import psycopg
 
@@ -40,6 +41,7 @@ from distill_pipeline.clients.postgres import Database, quote_ident
 log = logging.getLogger(__name__)
 
 LOOKUP_CHUNK = 10_000
+WRITER_APP_NAME = "distill label cache writer"
 
 
 @dataclass(frozen=True)
@@ -165,17 +167,31 @@ class LabelCache:
 
 
 class CacheWriter:
-    """Buffers answers and commits them on its own async connection: every `batch` answers, and every
-    `interval_s` in the background so that answers arriving slowly still reach Postgres promptly."""
+    """Group commit of answers to the label cache, on its own async connection.
 
-    def __init__(self, cache: LabelCache, prompt_version: str, batch: int = 50, interval_s: float = 1.0):
+    `add()` queues an answer and returns at once; one background task commits everything queued,
+    starting as soon as anything is, and answers that arrive during a commit go together into the
+    next one. So an answer is durable about one commit (milliseconds) after it arrives, whatever the
+    arrival rate, and the event loop never waits for Postgres. `on_durable` is called with each
+    group once committed: only then does an answer count as done.
+
+    With `capacity`, each HTTP attempt first takes a slot (`reserve()`). An attempt that brings no
+    answer gives it back at once (`unreserve()`); one that brings an answer hands it to the answer
+    (`add(..., holds_slot=True)`), which gives it back once committed. So attempts in flight plus
+    answers not yet durable never exceed `capacity`: that is the most a kill -9 can make a re-run pay
+    for again, however slow Postgres is (a stalled commit holds back new attempts instead of letting
+    unsaved answers pile up).
+    """
+
+    def __init__(self, cache: LabelCache, prompt_version: str, capacity: int | None = None,
+                 on_durable: Callable[[list[CachedLabel]], None] | None = None):
         self.cache = cache
         self.prompt_version = prompt_version
-        self.batch = batch
-        self.interval_s = interval_s
-        self._rows: list[tuple] = []
-        self._last = time.monotonic()
+        self.capacity = capacity
+        self.on_durable = on_durable
+        self._pending: list[tuple[CachedLabel, tuple, bool]] = []  # (label, row, holds_slot), in arrival order
         self._conn: psycopg.AsyncConnection | None = None
+        self._error: BaseException | None = None
         self.committed = 0
         self._sql = (
             f"INSERT INTO {cache.table} (prompt_version, input_hash, status, output, error, tokens_in, tokens_out, "
@@ -190,50 +206,75 @@ class CacheWriter:
         )
 
     async def __aenter__(self) -> "CacheWriter":
-        self._lock = asyncio.Lock()  # the periodic flush and add() share one connection and buffer
         try:
-            self._conn = await psycopg.AsyncConnection.connect(self.cache.db.url)
+            # Named, so that a DBA looking at pg_stat_activity can tell it from the lookups.
+            self._conn = await psycopg.AsyncConnection.connect(self.cache.db.url, application_name=WRITER_APP_NAME)
         except psycopg.OperationalError as exc:
             raise ConnectionError(f"cannot connect to Postgres at {self.cache.db.safe_url}: {exc}") from None
-        self._stop = asyncio.Event()
-        self._ticker = asyncio.create_task(self._flush_regularly())
+        self._wake = asyncio.Event()  # set by add(): something to commit
+        self._slots = asyncio.Semaphore(self.capacity) if self.capacity else None
+        self._closing = False
+        self._committer = asyncio.create_task(self._commit_loop())
         return self
-
-    async def _flush_regularly(self) -> None:
-        while not self._stop.is_set():
-            try:
-                await asyncio.wait_for(self._stop.wait(), self.interval_s)
-            except asyncio.TimeoutError:
-                await self.maybe_flush()
 
     async def __aexit__(self, *exc) -> None:
         try:
-            # Stopped by an event, never cancelled: a cancel in the middle of a commit would break
-            # the connection the final flush needs.
-            self._stop.set()
-            await self._ticker
-            await self.flush()  # keep whatever was paid for, even when the run fails
+            # Stopped by a flag, never cancelled: a cancel in the middle of a commit would break the
+            # connection, and the committer must first drain what was paid for, even when the run fails.
+            self._closing = True
+            self._wake.set()
+            await self._committer
         finally:
             await self._conn.close()
 
-    async def add(self, label: CachedLabel, finish_reason: str | None = None) -> None:
-        self._rows.append((self.prompt_version, label.input_hash, label.status, label.output, label.error,
-                           label.tokens_in, label.tokens_out, label.cost_usd, label.latency_ms, label.attempts,
-                           label.teacher_model, finish_reason))
-        await self.maybe_flush()
+    async def _commit_loop(self) -> None:
+        try:
+            while self._pending or not self._closing:
+                if not self._pending:
+                    await self._wake.wait()
+                    self._wake.clear()
+                    continue
+                group = list(self._pending)  # dropped from the queue only once committed
+                async with self._conn.cursor() as cur:
+                    await cur.executemany(self._sql, [row for _, row, _ in group])
+                await self._conn.commit()
+                del self._pending[:len(group)]
+                self.committed += len(group)
+                if self.on_durable is not None:
+                    self.on_durable([label for label, _, _ in group])
+                self._release(sum(holds for _, _, holds in group))
+        except BaseException as exc:
+            self._error = exc
+            self._release(self.capacity or 0)  # wake every reserve(): each raises, then passes the wake-up on
+            raise
 
-    async def maybe_flush(self) -> None:
-        if len(self._rows) >= self.batch or (self._rows and time.monotonic() - self._last >= self.interval_s):
-            await self.flush()
+    def _release(self, n: int) -> None:
+        if self._slots is not None:
+            for _ in range(n):
+                self._slots.release()
 
-    async def flush(self) -> None:
-        async with self._lock:
-            self._last = time.monotonic()
-            if not self._rows:
-                return
-            rows = list(self._rows)  # dropped from the buffer only once committed
-            async with self._conn.cursor() as cur:
-                await cur.executemany(self._sql, rows)
-            await self._conn.commit()
-            del self._rows[:len(rows)]
-            self.committed += len(rows)
+    def _raise_if_failed(self) -> None:
+        if self._error is not None:
+            raise RuntimeError(f"answers can no longer be saved to the label cache: {self._error!r}") \
+                from self._error
+
+    async def reserve(self) -> None:
+        """Take a slot for one attempt (with `capacity`); raises once a commit has failed."""
+        if self._slots is not None:
+            await self._slots.acquire()
+        if self._error is not None:
+            self._release(1)
+            self._raise_if_failed()
+
+    def unreserve(self) -> None:
+        """Give back the slot of an attempt that brought no answer."""
+        self._release(1)
+
+    def add(self, label: CachedLabel, finish_reason: str | None = None, holds_slot: bool = False) -> None:
+        """Queue `label` for the next commit; `holds_slot`: it keeps its attempt's slot until committed."""
+        self._raise_if_failed()
+        self._pending.append((label, (
+            self.prompt_version, label.input_hash, label.status, label.output, label.error, label.tokens_in,
+            label.tokens_out, label.cost_usd, label.latency_ms, label.attempts, label.teacher_model, finish_reason),
+            holds_slot and self._slots is not None))
+        self._wake.set()

@@ -4,7 +4,8 @@ It knows the clean answer of every sentence of `demo.data.generate_rows(rows, se
 `{"skip": true}` for any other sentence, so the backfill of a new prompt version can be watched
 without an API key. It also misbehaves on demand, like a real API under load: 429 with Retry-After,
 500, hangs past the client's timeout, truncated or non-JSON bodies, and answers that are not valid
-JSON, each at a configurable rate. It counts every request (GET /stats) so tests can check who was asked.
+JSON, each at a configurable rate. It counts every request (GET /stats) so tests can check who was asked,
+and every complete answer it delivered, per input (`answered`: what a real API would have billed).
 
     python -m distill_pipeline.demo.teacher_server --port 8911 --latency-ms 50 --rate-429 0.05
 
@@ -107,10 +108,11 @@ class DemoTeacher:
         self.peak_in_flight = self.in_flight  # requests still running stay counted in flight
         self.outcomes: Counter = Counter()
         self.sentences: Counter = Counter()
+        self.answered: Counter = Counter()
 
     def snapshot(self) -> dict:
-        return {"requests": self.requests, "peak_in_flight": self.peak_in_flight, "outcomes": dict(self.outcomes),
-                "sentences": dict(self.sentences)}
+        return {"requests": self.requests, "in_flight": self.in_flight, "peak_in_flight": self.peak_in_flight,
+                "outcomes": dict(self.outcomes), "sentences": dict(self.sentences), "answered": dict(self.answered)}
 
     def sentence_of(self, messages: list) -> str:
         """The input inside the last user message, with the prompt template's text around it removed."""
@@ -146,7 +148,7 @@ class DemoTeacher:
         self.in_flight += 1
         self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
         try:
-            response, outcome = await self._respond(request)
+            response, outcome, sentence = await self._respond(request)
             if outcome == "timeout":  # counted now: the client is gone before the answer comes
                 self.outcomes[outcome] += 1
                 await asyncio.sleep(self.faults.hang_s)
@@ -155,33 +157,42 @@ class DemoTeacher:
             await asyncio.sleep(max(0.0, self.latency_s - (time.monotonic() - arrived)))
             if outcome != "timeout":
                 self.outcomes[outcome] += 1
+            if outcome in ("ok", "bad_answer"):
+                # A complete answer is counted as delivered only once written to a live connection:
+                # answers finished after the client died (killed mid-request) reach nobody.
+                try:
+                    await response.prepare(request)
+                    await response.write_eof()
+                except ConnectionResetError:
+                    return response
+                self.answered[sentence] += 1
             return response
         finally:
             self.in_flight -= 1
 
-    async def _respond(self, request: web.Request) -> tuple[web.Response, str]:
-        """The response to send and its outcome name (a fault, or ok)."""
+    async def _respond(self, request: web.Request) -> tuple[web.Response, str, str | None]:
+        """The response to send, its outcome name (a fault, or ok) and the input asked about."""
         sent = request.headers.get("Authorization", "")
         if self._api_key and sent != f"Bearer {self._api_key}":
             # Echoes the key like some real APIs do, so tests can check the client never logs it.
-            return _error(401, f"Incorrect API key provided: {sent.removeprefix('Bearer ')}"), "unauthorized"
+            return _error(401, f"Incorrect API key provided: {sent.removeprefix('Bearer ')}"), "unauthorized", None
         try:
             body = await request.json()
             messages = body["messages"]
         except (ValueError, KeyError, TypeError):
-            return _error(400, "body must be JSON with a messages list"), "bad_request"
+            return _error(400, "body must be JSON with a messages list"), "bad_request", None
         sentence = self.sentence_of(messages)
         self.sentences[sentence] += 1
         fault = self.faults.draw(self._rng)
         if fault == "429":
             wait = self.faults.retry_after_s
             headers = {"Retry-After": f"{wait:g}", "retry-after-ms": str(int(wait * 1000))}
-            return _error(429, "rate limit reached, retry later", headers), fault
+            return _error(429, "rate limit reached, retry later", headers), fault, sentence
         if fault == "500":
-            return _error(500, "internal server error"), fault
+            return _error(500, "internal server error"), fault, sentence
         if fault == "nonjson":
             return web.Response(text="<html><body><h1>502 Bad Gateway</h1></body></html>",
-                                content_type="text/html"), fault
+                                content_type="text/html"), fault, sentence
         answer = dict(self.answers.get(sentence, {"skip": True}))
         if self.confidence is not None:
             answer["confidence"] = self.confidence
@@ -200,7 +211,7 @@ class DemoTeacher:
         }, ensure_ascii=False)
         if fault == "truncated":
             payload = payload[: len(payload) // 2]
-        return web.Response(text=payload, content_type="application/json"), fault or "ok"
+        return web.Response(text=payload, content_type="application/json"), fault or "ok", sentence
 
 
 def _error(status: int, message: str, headers: dict | None = None) -> web.Response:

@@ -8,12 +8,12 @@ For each source row (or a sticky sample of them, `teacher.sample_size`), in this
 3. the label cache (Postgres, keyed by (prompt version, sha256 of the input)) has its answer -> 'cached';
 4. otherwise the teacher is asked ('requested'); identical inputs share one request.
 
-Answers go to the cache as they arrive (batched commits) before the Parquet file is written, so a
-killed run loses at most one uncommitted batch, and a re-run only asks for what is missing. Inputs the
-teacher never answered after the bounded attempts are kept with status 'failed' and their error;
-answers that fail the task's validation with status 'invalid' and the raw text; inputs left when the
-per-run budget ran out with status 'over_budget'. No row is ever dropped: the file has one row per
-(sampled) source row.
+Each answer is committed to the cache as soon as it arrives (group commit), long before the Parquet
+file is written, so a killed run loses only the requests in flight, and a re-run only asks for what is
+missing. Inputs the teacher never answered after the bounded attempts are kept with status 'failed'
+and their error; answers that fail the task's validation with status 'invalid' and the raw text;
+inputs left when the per-run budget ran out with status 'over_budget'. No row is ever dropped: the
+file has one row per (sampled) source row.
 
 Output: <home>/artifacts/teacher_labels/<prompt version>/labels.parquet with columns
 id, input, input_hash, output, confidence, created_at, prompt_version, source, status, error, input_problem,
@@ -218,22 +218,60 @@ async def _request_all(cfg: PipelineConfig, prompt: PromptVersion, todo: list[tu
                                prompt.teacher.temperature, dict(prompt.teacher.extra))) for key, text in todo)
     bar = tqdm(total=len(todo), desc=f"teacher {prompt.key}", unit="req", disable=not tcfg.progress,
                mininterval=2.0)
-    async with TeacherClient.from_config(tcfg, api_key) as client, \
-            CacheWriter(cache, prompt.key, tcfg.commit_batch, tcfg.commit_interval_s) as writer:
-        try:
-            async with contextlib.aclosing(map_completions(client, items, may_start=may_start)) as results:
-                async for key, done in results:
-                    label = _to_label(tcfg, task, key, done)
-                    out.answers[key] = label
-                    reserved.pop(key, None)
-                    spent += label.cost_usd or 0.0
-                    await writer.add(label, done.finish_reason)
-                    bar.update(1)
-        finally:
-            bar.close()
-            out.http_requests, out.retries = client.attempts_sent, client.retries
+
+    def durable(labels: list[CachedLabel]) -> None:
+        # An answer counts as done only once it is in the label cache.
+        for label in labels:
+            out.answers[label.input_hash] = label
+        bar.update(len(labels))
+
+    try:  # the bar closes after the writer's last commits, which still advance it
+        async with TeacherClient.from_config(tcfg, api_key) as client, \
+                CacheWriter(cache, prompt.key, capacity=client.concurrency, on_durable=durable) as writer:
+            _keep_slots_until_saved(client, writer)
+            try:
+                async with contextlib.aclosing(map_completions(client, items, may_start=may_start)) as results:
+                    async for key, done in results:
+                        label = _to_label(tcfg, task, key, done)
+                        reserved.pop(key, None)
+                        spent += label.cost_usd or 0.0  # paid on arrival, durable or not
+                        # Never waits: a background task commits it, then frees the slot its attempt held.
+                        writer.add(label, done.finish_reason, holds_slot=done.ok)
+            finally:
+                out.http_requests, out.retries = client.attempts_sent, client.retries
+    finally:
+        bar.close()
     out.not_sent = len(todo) - len(out.answers)
     return out
+
+
+class _AttemptSlots:
+    """Stands in for the client's semaphore of `concurrency` slots, which each HTTP attempt holds: the
+    slot of an attempt that brings back an answer stays taken until the writer has committed that
+    answer (see CacheWriter), so attempts in flight plus unsaved answers never exceed the concurrency,
+    and a kill -9 loses at most that many paid answers, even while Postgres stalls. Requests waiting
+    in their retry backoff hold no slot, as before. The cost: one commit (milliseconds) per answer
+    on top of the teacher's latency before its slot serves the next request."""
+
+    def __init__(self, writer: CacheWriter):
+        self.writer = writer
+
+    async def __aenter__(self) -> None:
+        await self.writer.reserve()
+
+    async def __aexit__(self, exc_type, exc, tb) -> bool:
+        if exc_type is not None:  # this attempt brought no answer (retry, error, cancel)
+            self.writer.unreserve()
+        return False
+
+
+def _keep_slots_until_saved(client: TeacherClient, writer: CacheWriter) -> None:
+    # TeacherClient takes `_slots` around each HTTP attempt only (not its backoff), which is exactly
+    # what the writer must account; fail loudly rather than silently lose the bound if that changes.
+    if not isinstance(getattr(client, "_slots", None), asyncio.Semaphore):
+        raise RuntimeError("TeacherClient no longer has its per-attempt semaphore `_slots`: "
+                           "teacher_labels cannot hold a slot until each answer is saved")
+    client._slots = _AttemptSlots(writer)
 
 
 def _to_label(tcfg: TeacherConfig, task: TaskConfig, key: str, done: Completion) -> CachedLabel:
