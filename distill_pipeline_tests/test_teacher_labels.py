@@ -30,7 +30,7 @@ def write_config(tmp_path: Path, db_url: str, prompts_dir: Path | None = None, *
     data["prompts_dir"] = str(prompts_dir or DEFAULT_CONFIG_FILE.parent / "prompts")
     data["database"] = {"url": db_url, "schema_name": teacher.pop("schema_name", "distill")}
     data["teacher"] = {"progress": False, "timeout_s": 2.0, "backoff_initial_s": 0.02, "backoff_max_s": 0.5,
-                       "commit_interval_s": 0.2, **teacher}
+                       **teacher}
     tmp_path.mkdir(parents=True, exist_ok=True)
     path = tmp_path / f"config-{data['database']['schema_name']}.yaml"
     path.write_text(yaml.safe_dump(data))
