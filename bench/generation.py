@@ -9,8 +9,11 @@ demo SEC sentences prompted through the model's chat template, left-padded batch
 - event:  only the event branch of that schema, so constrained answers are long (~70 tokens) like the
           free ones: the like-for-like per-token comparison, and the ratio on the last line.
 
-Rates count generated tokens (EOS included) over wall time, prefill included. mask_ms_per_step is the
-time inside the constraint's logits processor per decoding step of a batch (measured by wrapping it).
+Rates count generated tokens (EOS included) over wall time, prefill included; in a batch, rows that
+finished early idle until the longest is done, so answers of uneven length (free ones) lower the rate
+at batch 8. ms_per_step is wall time per forward of a batch (its longest answer's token count), the
+like-for-like cost; mask_ms_per_step the part of it inside the constraint's logits processor
+(measured by wrapping it).
 Settings are paired chunk by chunk (see main) and the median of --repeats taken, since the load on a
 shared 2-core machine drifts.
 
@@ -19,7 +22,7 @@ Model: the demo student's base, SmolLM2-135M-Instruct (its GGUF dequantized to f
 
     .venv/bin/python bench/generation.py [--inputs 16] [--max-new-tokens 96] [--repeats 1]
 
-Last line: one JSON object (ratio_constrained_vs_free_b1/_b8, tokens_per_s, ...).
+Last line: one JSON object (ratio_constrained_vs_free_b1/_b8 of tokens/s, step_time_ratio_..., ...).
 """
 
 from __future__ import annotations
@@ -90,7 +93,8 @@ def main() -> None:
     names = list(constraints)
     for batch in [int(b) for b in args.batch_sizes.split(",")]:
         for repeat in range(args.repeats):
-            totals = {name: {"tokens": 0, "wall_s": 0.0, "mask_s": 0.0, "steps": 0, "answers": []} for name in names}
+            totals = {name: {"tokens": 0, "wall_s": 0.0, "mask_s": 0.0, "steps": 0, "decode_steps": 0, "answers": []}
+                      for name in names}
             for k, start in enumerate(range(0, len(inputs), batch)):
                 chunk = inputs[start:start + batch]
                 for name in names[k % len(names):] + names[: k % len(names)]:
@@ -104,6 +108,7 @@ def main() -> None:
                     total["tokens"] += sum(a.output_tokens for a in answers)
                     total["mask_s"] += MASK_SECONDS["total"]
                     total["steps"] += MASK_SECONDS["steps"]
+                    total["decode_steps"] += max(a.output_tokens for a in answers)  # forwards of this batch
                     total["answers"] += answers
             for name, total in totals.items():
                 answers = total["answers"]
@@ -111,21 +116,23 @@ def main() -> None:
                        "tokens_per_s": total["tokens"] / total["wall_s"],
                        "parse_ok": sum(parse_output(task, a.text).ok for a in answers),
                        "finished": sum(a.finished for a in answers),
-                       "mask_ms_per_step": 1000 * total["mask_s"] / max(total["steps"], 1)}
+                       "mask_ms_per_step": 1000 * total["mask_s"] / max(total["steps"], 1),
+                       "ms_per_step": 1000 * total["wall_s"] / total["decode_steps"]}
                 if batch == 1:
                     run.update({k: v for k, v in student_generation.latency_summary(answers).items()
                                 if k in ("p50_s", "p95_s")})
                 runs.setdefault((name, batch), []).append(run)
                 print(f"batch {batch:>2} {name:<5} {run['tokens']:>5} tokens {run['wall_s']:7.2f} s "
                       f"{run['tokens_per_s']:7.1f} tok/s  parse ok {run['parse_ok']}/{len(inputs)}  "
-                      f"finished {run['finished']}/{len(inputs)}  mask {run['mask_ms_per_step']:.2f} ms/step",
+                      f"finished {run['finished']}/{len(inputs)}  {run['ms_per_step']:.1f} ms/step, "
+                      f"mask {run['mask_ms_per_step']:.2f} of it",
                       flush=True)
 
     summary: dict = {"model": Path(location).name, "inputs": len(inputs), "max_new_tokens": args.max_new_tokens,
                      "repeats": args.repeats, "constraint_compile_s": round(compile_s, 3),
                      "torch_threads": torch.get_num_threads()}
     for (name, batch), results in runs.items():
-        for key in ("tokens_per_s", "mask_ms_per_step", "p50_s", "p95_s"):
+        for key in ("tokens_per_s", "ms_per_step", "mask_ms_per_step", "p50_s", "p95_s"):
             if key in results[0]:
                 summary[f"{key}_{name}_b{batch}"] = round(statistics.median(r[key] for r in results), 4)
         summary[f"parse_ok_{name}_b{batch}"] = f"{results[0]['parse_ok']}/{len(inputs)}"
@@ -133,6 +140,8 @@ def main() -> None:
         free = summary[f"tokens_per_s_free_b{batch}"]
         summary[f"ratio_constrained_vs_free_b{batch}"] = round(summary[f"tokens_per_s_event_b{batch}"] / free, 3)
         summary[f"ratio_task_vs_free_b{batch}"] = round(summary[f"tokens_per_s_task_b{batch}"] / free, 3)
+        summary[f"step_time_ratio_constrained_vs_free_b{batch}"] = round(
+            summary[f"ms_per_step_event_b{batch}"] / summary[f"ms_per_step_free_b{batch}"], 3)
     print(json.dumps(summary))
 
 
