@@ -262,6 +262,83 @@ def cmd_split(args, cfg: PipelineConfig) -> None:
     print(json.dumps(build_dataset_splits(cfg, args.prompt_version), indent=2))
 
 
+def cmd_export_gguf(args, cfg: PipelineConfig) -> None:
+    """Any adapter (with its base) or HF model directory to GGUF, outside Dagster."""
+    import tempfile
+
+    from distill_pipeline.stages import gguf_export, student_model
+    from distill_pipeline.workers.gguf import merge_adapter
+
+    source = Path(args.source).expanduser()
+    if not source.is_dir():
+        raise UserError(f"{source} is not a directory (an adapter folder or a Hugging Face model folder)")
+    out = Path(args.out).expanduser() if args.out else source.with_suffix(f".{args.type.lower()}.gguf")
+    with tempfile.TemporaryDirectory(prefix="distill-merge-") as tmp:
+        model_dir = source
+        if (source / student_model.ADAPTER_CONFIG).is_file():
+            base = cfg.train.base_model if args.base is None else cfg.train.base_model.model_copy(
+                update={"source": args.base, "gguf_file": None})
+            location = student_model.prepare_base(base, base.cache_root())
+            model_dir = Path(tmp) / "merged"
+            print(f"merging {source} into {location}", flush=True)
+            merge_adapter(location, source, model_dir, base.chat_template)
+        elif not (source / "config.json").is_file():
+            raise UserError(f"{source} holds neither an adapter ({student_model.ADAPTER_CONFIG}) nor a model "
+                            "(config.json)")
+        try:
+            info = gguf_export.write_gguf(model_dir, out, args.type)
+        except ValueError as exc:
+            raise UserError(str(exc)) from exc
+    print(json.dumps({"path": str(out), "size_mb": round(info.size_bytes / 1e6, 1), "type": info.out_type,
+                      "sha256": info.sha256}))
+
+
+def serving_target(cfg: PipelineConfig, prompt_version: str | None) -> tuple[str, dict]:
+    """(prompt version, gguf_model manifest) of the version asked for, else of the champion."""
+    from distill_pipeline.clients.tracking import ModelRegistry, resolve_tracking_uri
+    from distill_pipeline.stages.gguf_model import MANIFEST
+
+    if prompt_version is None:
+        champion = ModelRegistry(resolve_tracking_uri(cfg)).champion(cfg.eval.registered_model)
+        if champion is None or not champion.get("prompt_version"):
+            raise UserError(f"{cfg.eval.registered_model} has no champion yet: pass a prompt version, or "
+                            "materialize eval_report and gguf_model until a student passes the gate")
+        prompt_version = champion["prompt_version"]
+    path = cfg.stage_dir("gguf_model", prompt_version) / MANIFEST
+    if not path.is_file():
+        raise UserError(f"no GGUF for {prompt_version} ({path} is missing): materialize gguf_model "
+                        f"--partition {prompt_version}")
+    manifest = json.loads(path.read_text())
+    if not manifest.get("passed"):
+        raise UserError(f"the GGUF of {prompt_version} failed its parity check: {'; '.join(manifest['reasons'])}")
+    return prompt_version, manifest
+
+
+def cmd_serve(args, cfg: PipelineConfig) -> None:
+    from distill_pipeline.serving import StudentModel, make_server, template_pattern
+    from distill_pipeline.stages.gguf_model import GRAMMAR
+
+    pv, manifest = serving_target(cfg, args.prompt_version)
+    gguf = Path(manifest["gguf_path"])
+    grammar_file = gguf.parent / GRAMMAR
+    template = manifest.get("user_template")
+    student = StudentModel(gguf, grammar_file.read_text().rstrip("\n") if grammar_file.is_file() else None,
+                           instruction=manifest.get("instruction"),
+                           user_pattern=template_pattern(template) if template else None,
+                           name=f"{cfg.eval.registered_model}:{pv}", context=cfg.gguf.serve_context,
+                           max_tokens=cfg.eval.max_new_tokens)
+    server = make_server(student, args.host, args.port or cfg.gguf.serve_port)
+    host, port = server.server_address[:2]
+    print(f"serving {gguf.name} ({pv}) at http://{host}:{port}/v1 -- point the teacher's OpenAI client here "
+          "(base_url); Ctrl-C stops", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="distill", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -288,6 +365,17 @@ def build_parser() -> argparse.ArgumentParser:
                        help="also ask teacher.base_url for /models (a 1-token completion if it has none)")
     check.set_defaults(func=cmd_check_config)
     sub.add_parser("export", help="run source_rows without Dagster").set_defaults(func=cmd_export)
+    gguf = sub.add_parser("export-gguf", help="write an adapter (merged into its base) or a model folder as GGUF")
+    gguf.add_argument("source", help="an adapter folder (adapter_config.json) or a Hugging Face model folder")
+    gguf.add_argument("--out", help="the GGUF file to write (default: next to SOURCE)")
+    gguf.add_argument("--type", default="F16", help="F32, F16, BF16, Q8_0, Q5_0 or Q4_0 (default F16)")
+    gguf.add_argument("--base", help="the adapter's base model (default: train.base_model of the config)")
+    gguf.set_defaults(func=cmd_export_gguf)
+    serve = sub.add_parser("serve", help="the champion student's GGUF behind an OpenAI-compatible API")
+    serve.add_argument("prompt_version", nargs="?", help="serve this version's GGUF (default: the champion's)")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, help="default: gguf.serve_port")
+    serve.set_defaults(func=cmd_serve)
     for name, func in (("curate", cmd_curate), ("split", cmd_split)):
         p = sub.add_parser(name, help=f"run the {name} stage without Dagster")
         p.add_argument("prompt_version")

@@ -549,6 +549,34 @@ class EvalConfig(Section):
     student_price_per_1m_output_tokens: float = Field(0.0, ge=0)
 
 
+class GgufConfig(Section):
+    """gguf_model: the evaluated student merged, written as GGUF, and checked against the merged model."""
+
+    # F32, F16, BF16 (exact greedy parity expected), Q8_0, Q5_0, Q4_0 (checked with tolerances below).
+    out_type: Literal["F32", "F16", "BF16", "Q8_0", "Q5_0", "Q4_0"] = "F16"
+    # Test rows whose prompts are tokenized and answered greedily by llama.cpp and by the merged model.
+    parity_rows: int = Field(32, ge=1)
+    max_new_tokens: int = Field(128, ge=1)
+    # The parity floors (stages/gguf_parity.ParityFloors). F32/F16/BF16: share of prompts whose greedy
+    # answers are identical (a first divergence where the merged model preferred its token by less than
+    # tie_margin nats is a near-tie flipped by arithmetic, not counted), and the mean |logprob difference|.
+    min_exact_greedy: float = Field(0.99, ge=0, le=1)
+    tie_margin: float = Field(0.05, ge=0)
+    float_max_mean_logprob_diff: float = Field(0.05, ge=0)
+    # Quantized types: top-1 agreement where the merged model's margin exceeds margin_nats, mean top-5
+    # overlap, mean |logprob difference| on the merged model's greedy tokens.
+    margin_nats: float = Field(1.0, ge=0)
+    min_confident_agreement: float = Field(0.95, ge=0, le=1)
+    min_topk_overlap: float = Field(0.6, ge=0, le=1)
+    max_mean_logprob_diff: float = Field(0.25, ge=0)
+    # The eval task metric on the GGUF's own (schema-constrained) answers may be at most this much below
+    # the merged model's on the same rows.
+    max_metric_drop: float = Field(0.01, ge=0)
+    # `distill serve`: loopback port and llama.cpp context (tokens) per request slot.
+    serve_port: int = Field(8087, ge=1, le=65535)
+    serve_context: int = Field(2048, ge=64)
+
+
 class PipelineConfig(Section):
     home: Path = Path(".distill")
     prompts_dir: Path = Path("prompts")
@@ -562,6 +590,7 @@ class PipelineConfig(Section):
     tracking: TrackingConfig = TrackingConfig()
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
+    gguf: GgufConfig = GgufConfig()
 
     @property
     def artifacts_dir(self) -> Path:

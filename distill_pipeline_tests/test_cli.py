@@ -63,7 +63,7 @@ def test_unknown_assets_partitions_and_stop_after_exit_nonzero_listing_valid_nam
     proc = distill("--config", str(config), "materialize", "dataset_splits", cwd=tmp_path)
     assert proc.returncode == 2 and "pass --partition" in proc.stderr
 
-    proc = distill("--config", str(config), "demo", "--stop-after", "gguf_model", cwd=tmp_path)
-    assert proc.returncode == 2 and "--stop-after gguf_model" in proc.stderr
-    assert "teacher_labels, curated_examples, dataset_splits, student_adapter" in proc.stderr
+    proc = distill("--config", str(config), "demo", "--stop-after", "source_rows", cwd=tmp_path)
+    assert proc.returncode == 2 and "--stop-after source_rows" in proc.stderr
+    assert "teacher_labels, curated_examples, dataset_splits, student_adapter, eval_report, gguf_model" in proc.stderr
     assert not (tmp_path / "home" / "pgdata").exists()  # refused before anything was started

@@ -1,9 +1,10 @@
-"""eval_report as Dagster materializes it: the eval worker over Pipes, the gate, the MLflow registry.
+"""eval_report and gguf_model as Dagster materializes them: the workers over Pipes, the gates, the registry.
 
 A classification task (ticket routing, 90% billing) on a tiny random model: a student trained on the real
-targets learns the majority label and passes the bar; one trained on flipped targets answers the minority
-label, fails the gate, and nothing downstream of eval_report runs; the same bad student under a bar it
-clears is registered, but the better champion keeps its alias.
+targets learns the majority label, passes the bar, and its GGUF passes the parity gate (the file `distill
+serve` then finds through the champion); one trained on flipped targets answers the minority label, fails
+the gate, and gguf_model does not run; the same bad student under a bar it clears is registered, but the
+better champion keeps its alias.
 """
 
 import json
@@ -16,18 +17,12 @@ import yaml
 
 from distill_pipeline.clients import tracking
 from distill_pipeline.config import load_config
-from distill_pipeline.defs.assets import eval_report, student_adapter
+from distill_pipeline.defs.assets import eval_report, gguf_model, student_adapter
 from distill_pipeline.defs.partitions import prompt_versions
 from distill_pipeline.defs.resources import ComputeResource, MlflowResource, SettingsResource
 from distill_pipeline_tests.train_support import demo_tokenizer_dir, tiny_models  # noqa: F401
 
 PV = "routing-v1-0123abcd"
-
-
-@dg.asset(partitions_def=prompt_versions, deps=[eval_report])
-def promoted(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
-    """Stands for what follows the gate (gguf_model): it must not run after a failed gate."""
-    return dg.MaterializeResult(metadata={"partition": context.partition_key})
 
 
 def write_splits(cfg, flip_train: bool) -> None:
@@ -60,14 +55,15 @@ def write_config(tmp_path, model_dir, **eval_settings):
                   "early_stopping_patience": None, "lora": {"r": 8, "alpha": 16, "dropout": 0.0}},
         "eval": {"batch_size": 8, "max_new_tokens": 8, "unconstrained_rows": 4, "latency_requests": 2,
                  "registered_model": "routing-student", **eval_settings},
+        "gguf": {"out_type": "F16", "parity_rows": 6, "max_new_tokens": 8},
     }))
     return path
 
 
-def materialize(path, instance):
+def materialize(path, instance, assets=(student_adapter, eval_report, gguf_model)):
     settings = SettingsResource(config_file=str(path))
     return dg.materialize(
-        [student_adapter, eval_report, promoted], partition_key=PV, instance=instance, raise_on_error=False,
+        list(assets), partition_key=PV, instance=instance, raise_on_error=False,
         resources={"settings": settings, "compute": ComputeResource(settings=settings),
                    "mlflow": MlflowResource(settings=settings)})
 
@@ -86,7 +82,21 @@ def test_gate_blocks_a_bad_student_and_keeps_the_champion(tmp_path, monkeypatch,
     meta = {k: v.value for k, v in good.asset_materializations_for_node("eval_report")[0].metadata.items()}
     assert meta["gate_passed"] and meta["headline_metric"] == "accuracy" and meta["headline_value"] >= 0.6
     assert meta["champion"] and meta["registered_version"] == "1"
-    assert good.asset_materializations_for_node("promoted")  # downstream ran
+    gguf = {k: v.value for k, v in good.asset_materializations_for_node("gguf_model")[0].metadata.items()}
+    assert gguf["parity_passed"] and gguf["type"] == "F16" and gguf["task_metric"]["gguf"] == \
+        gguf["task_metric"]["merged"]
+    gguf_file = cfg.stage_dir("gguf_model", PV) / "routing-student-routing-v1-0123abcd-f16.gguf"
+    assert gguf_file.is_file() and gguf["sha256"] == tracking.file_sha256(gguf_file)
+    assert gguf["parity"]["greedy_exact_llamacpp"] >= 0.99 and not gguf["parity"]["token_mismatches"]
+    folder = gguf_file.parent
+    assert 'FROM ./routing-student-' in (folder / "Modelfile").read_text()
+    assert json.loads((folder / "schema.json").read_text()) == {"type": "string", "enum": ["billing", "outage"]}
+    assert "adapter sha256" in (folder / "README.md").read_text()
+    tags = registry.version_tags("routing-student", "1")
+    assert tags["gguf_sha256"] == gguf["sha256"] and tags["gguf_type"] == "F16"
+    from distill_pipeline.cli import serving_target
+
+    assert serving_target(cfg, None)[0] == PV  # `distill serve` without a version finds the champion's file
     report = json.loads((cfg.stage_dir("eval_report", PV) / "eval_report.json").read_text())
     assert list(report)[:4] == ["task_kind", "headline_metric", "headline_value", "gate_passed"]
     predictions = pq.read_table(cfg.stage_dir("eval_report", PV) / "predictions.parquet").to_pylist()
@@ -100,11 +110,11 @@ def test_gate_blocks_a_bad_student_and_keeps_the_champion(tmp_path, monkeypatch,
     checks = {e.check_name: e for e in bad.get_asset_check_evaluations()}
     gate = checks["student_meets_the_bar"]
     assert not gate.passed and "eval.min_headline" in str(gate.metadata["reasons"].value)
-    assert not bad.asset_materializations_for_node("promoted")  # nothing downstream ran
+    assert not bad.asset_materializations_for_node("gguf_model")  # nothing downstream ran
     assert registry.champion("routing-student")["version"] == "1"
 
     lenient = write_config(tmp_path, tiny_models["qwen2"], min_headline=0.05, champion_tolerance=1.0)
-    worse = materialize(lenient, instance)  # the same bad adapter (reused, not retrained) under a bar it clears
+    worse = materialize(lenient, instance, (student_adapter, eval_report))  # the same bad adapter (reused, not retrained) under a bar it clears
     assert worse.success
     meta = {k: v.value for k, v in worse.asset_materializations_for_node("eval_report")[0].metadata.items()}
     assert meta["gate_passed"] and meta["registered_version"] == "2" and not meta["champion"]

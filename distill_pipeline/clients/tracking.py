@@ -363,6 +363,25 @@ class ModelRegistry:
                                               tags={k: str(v) for k, v in tags.items() if v is not None})
         return str(version.version)
 
+    def version_of_run(self, name: str, run_id: str) -> str | None:
+        """The newest registered version made from `run_id`, None when the run's adapter was never registered."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            versions = self._client().search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+        except MlflowException:
+            return None
+        return str(max(int(v.version) for v in versions)) if versions else None
+
+    def version_tags(self, name: str, version: str) -> dict[str, str]:
+        return dict(self._client().get_model_version(name, version).tags or {})
+
+    def tag_version(self, name: str, version: str, tags: Mapping[str, Any]) -> None:
+        client = self._client()
+        for key, value in tags.items():
+            if value is not None:
+                client.set_model_version_tag(name, version, key, str(value))
+
     def make_champion(self, name: str, version: str) -> None:
         self._client().set_registered_model_alias(name, self.CHAMPION, version)
 

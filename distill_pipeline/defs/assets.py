@@ -165,3 +165,30 @@ def eval_report(context: dg.AssetExecutionContext, settings: SettingsResource, c
     yield dg.AssetCheckResult(check_name="student_meets_the_bar", passed=gate.passed, metadata=as_metadata({
         "headline_metric": gate.headline_metric, "headline_value": gate.headline_value, "threshold": gate.threshold,
         "champion_value": gate.champion_value, "reasons": gate.reasons or ["meets the bar"]}))
+
+
+@dg.asset(
+    partitions_def=prompt_versions, deps=[eval_report], group_name="deployment", kinds={"gguf", "mlflow"},
+    pool="gpu",
+    description="The evaluated student merged into its base and written as GGUF (llama.cpp, Ollama, LM Studio), "
+                "with a Modelfile, its schema and a README; checked against the merged model through llama.cpp.",
+    check_specs=[dg.AssetCheckSpec("answers_like_the_evaluated_model", asset="gguf_model", blocking=True,
+                                   description="tokenization identical, greedy answers equal (or within the "
+                                               "quantization tolerances), task metric within gguf.max_metric_drop")],
+)
+def gguf_model(context: dg.AssetExecutionContext, settings: SettingsResource, compute: ComputeResource,
+               mlflow: MlflowResource):
+    from distill_pipeline.stages.gguf_model import build_gguf_model
+
+    cfg, store = settings.load(), mlflow.store()
+    result = build_gguf_model(cfg, context.partition_key, config_file=settings.path(), registry=mlflow.registry(),
+                              compute=compute.bound(context, tracking_uri=store.tracking_uri), logger=context.log)
+    yield dg.MaterializeResult(metadata=as_metadata({
+        "gguf_path": result.gguf_path, "size_mb": round(result.size_bytes / 1e6, 1), "type": result.out_type,
+        "sha256": result.sha256, "parity_passed": result.passed, "parity": result.parity, "task_metric": result.metric,
+        "export_s": result.extra.get("export_s"), "manifest_path": result.manifest_path,
+        "registered_version": result.registered_version}),
+        data_version=dg.DataVersion(result.sha256[:16]))
+    yield dg.AssetCheckResult(check_name="answers_like_the_evaluated_model", passed=result.passed,
+                              metadata=as_metadata({"reasons": result.reasons or ["parity holds"],
+                                                    "task_metric": result.metric}))

@@ -32,7 +32,8 @@ log = logging.getLogger(__name__)
 
 RECORD = "adapter_record.json"
 # Config sections that say nothing about how the student was trained (or hold endpoints).
-_NOT_TRAINING = {"home", "prompts_dir", "database", "source", "teacher", "curate", "compute", "tracking", "eval"}
+_NOT_TRAINING = {"home", "prompts_dir", "database", "source", "teacher", "curate", "compute", "tracking", "eval",
+                 "gguf"}
 _NOT_IN_KEY = {f"train.{name}" for name in TrainConfig.NOT_AFFECTING_ADAPTER}
 
 

@@ -124,20 +124,39 @@ def json_constraint(schema: dict[str, Any], tokenizer: Any, *, max_string_chars:
     max_string_chars bounds every free-text string: an undertrained student can stay inside a
     string until max_new_tokens runs out, leaving unparseable JSON; None leaves strings unbounded.
     """
-    import llguidance
-
     enforced = _bounded(schema, max_string_chars)
-    grammar = llguidance.LLMatcher.grammar_from_json_schema(enforced, defaults=_JSON_LAYOUT)
-    return _checked("json_schema", grammar, tokenizer, schema=enforced)
+    return _checked("json_schema", json_grammar(enforced), tokenizer, schema=enforced)
+
+
+# llguidance's Lark dialect; llama.cpp (built with llguidance) takes a `grammar` with this header as is.
+LARK_HEADER = "%llguidance {}\n"
+
+
+def json_grammar(schema: dict[str, Any]) -> str:
+    """Grammar text for `schema` in the training layout (x-guidance carries the layout)."""
+    return LARK_HEADER + "start: %json " + json.dumps({**schema, "x-guidance": _JSON_LAYOUT}, ensure_ascii=False)
+
+
+def choice_grammar(labels: Sequence[str]) -> str:
+    if not labels:
+        raise ValueError("a choice constraint needs at least one label")
+    # Lark string literals take JSON escapes; ensure_ascii=False keeps non-ASCII labels as they are.
+    return LARK_HEADER + "start: " + " | ".join(json.dumps(str(label), ensure_ascii=False) for label in labels)
+
+
+def task_grammar(task: TaskConfig, *, max_string_chars: int | None = None) -> str | None:
+    """The grammar text of `task_constraint`, without a tokenizer: serving hands it to llama.cpp, so the
+    deployed student is held to exactly the grammar it was evaluated under."""
+    if task.kind == "generation":
+        return None
+    if task.kind == "classification":
+        return choice_grammar(task.labels)
+    return json_grammar(_bounded(answer_schema(task), max_string_chars))
 
 
 def choice_constraint(labels: Sequence[str], tokenizer: Any) -> Constraint:
     """Answers that are exactly one of `labels`, as bare text (the classification target format)."""
-    if not labels:
-        raise ValueError("a choice constraint needs at least one label")
-    # Lark string literals take JSON escapes; ensure_ascii=False keeps non-ASCII labels as they are.
-    grammar = "start: " + " | ".join(json.dumps(str(label), ensure_ascii=False) for label in labels)
-    return _checked("choice", grammar, tokenizer, labels=tuple(str(label) for label in labels))
+    return _checked("choice", choice_grammar(labels), tokenizer, labels=tuple(str(label) for label in labels))
 
 
 def task_constraint(task: TaskConfig, tokenizer: Any, *, max_string_chars: int | None = None) -> Constraint | None:
