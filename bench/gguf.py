@@ -7,7 +7,7 @@ Reads a DISTILL_HOME where `make demo` (or `distill materialize ... --partition 
   3. divides that p50 by the teacher's recorded p50 on the same inputs (teacher_labels' latency_ms: for the
      demo, the local stand-in teacher with its injected latency; for a team, its real API).
 
-    .venv/bin/python bench/gguf.py [--home .distill] [--prompt-version PV] [--requests 16]
+    .venv/bin/python bench/gguf.py [--home .distill] [--prompt-version PV] [--adapter-dir DIR] [--requests 16]
 
 Last line: one JSON object: export_s and size_mb (by type), latency_ratio_vs_teacher, student_tokens_per_s.
 """
@@ -25,6 +25,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+# This file's own folder comes first on sys.path, and its name would shadow the `gguf` package.
+sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -34,6 +36,7 @@ def main() -> None:
     parser.add_argument("--home", default=os.environ.get("DISTILL_HOME", str(REPO / ".distill")))
     parser.add_argument("--config", default=None)
     parser.add_argument("--prompt-version", default=None, help="default: the first with a trained adapter")
+    parser.add_argument("--adapter-dir", default=None, help="default: student_adapter's for the prompt version")
     parser.add_argument("--types", default="F16,Q8_0,Q5_0,Q4_0,F32")
     parser.add_argument("--requests", type=int, default=16)
     args = parser.parse_args()
@@ -64,7 +67,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-gguf-") as tmp:
         merged = Path(tmp) / "merged"
         started = time.perf_counter()
-        merge_adapter(location, adapters / pv / "adapter", merged, base.chat_template)
+        merge_adapter(location, Path(args.adapter_dir) if args.adapter_dir else adapters / pv / "adapter", merged,
+                      base.chat_template)
         merge_s = time.perf_counter() - started
         files = {}
         for out_type in args.types.split(","):
@@ -96,13 +100,18 @@ def main() -> None:
         server.shutdown()
 
     labels = read_labels(cfg, pv, ["input", "latency_ms"]).to_pandas()
-    recorded = labels[labels["input"].isin(set(inputs)) & labels["latency_ms"].notna()]["latency_ms"]
+    timed = labels[labels["latency_ms"].notna()]
+    recorded = timed[timed["input"].isin(set(inputs))]["latency_ms"]
+    teacher_source = "the same inputs"
+    if len(recorded) < 5:  # most answers were reused from the table (no latency): every timed answer of the version
+        recorded, teacher_source = timed["latency_ms"], f"all {len(timed)} timed answers of {pv}"
     teacher_p50 = float(recorded.median()) / 1000 if len(recorded) else None
     student_p50 = statistics.median(seconds)
     result = {
         "prompt_version": pv, "merge_s": round(merge_s, 2), "export_s": export_s, "size_mb": size_mb,
         "requests": len(seconds), "student_p50_s": round(student_p50, 4),
         "teacher_p50_s": round(teacher_p50, 4) if teacher_p50 else None, "teacher_answers_timed": int(len(recorded)),
+        "teacher_p50_source": teacher_source,
         "latency_ratio_vs_teacher": round(student_p50 / teacher_p50, 3) if teacher_p50 else None,
         "student_tokens_per_s": round(tokens / sum(seconds), 1),
     }
