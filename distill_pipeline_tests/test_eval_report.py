@@ -97,6 +97,7 @@ def test_gate_blocks_a_bad_student_and_keeps_the_champion(tmp_path, monkeypatch,
     from distill_pipeline.cli import serving_target
 
     assert serving_target(cfg, None)[0] == PV  # `distill serve` without a version finds the champion's file
+    assert_distill_serve_answers(good_cfg)
     report = json.loads((cfg.stage_dir("eval_report", PV) / "eval_report.json").read_text())
     assert list(report)[:4] == ["task_kind", "headline_metric", "headline_value", "gate_passed"]
     predictions = pq.read_table(cfg.stage_dir("eval_report", PV) / "predictions.parquet").to_pylist()
@@ -119,3 +120,37 @@ def test_gate_blocks_a_bad_student_and_keeps_the_champion(tmp_path, monkeypatch,
     meta = {k: v.value for k, v in worse.asset_materializations_for_node("eval_report")[0].metadata.items()}
     assert meta["gate_passed"] and meta["registered_version"] == "2" and not meta["champion"]
     assert registry.champion("routing-student")["version"] == "1"  # the better one stays champion
+
+
+def assert_distill_serve_answers(config_path):
+    """`distill serve` (the command itself) answers a chat completion with one of the task's labels."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "distill_pipeline.cli", "--config", str(config_path), "serve",
+                             "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    try:
+        body = json.dumps({"model": "teacher", "messages": [{"role": "user", "content": "ticket 7: my account"}]})
+        deadline = time.time() + 120
+        while True:
+            try:
+                request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/chat/completions", body.encode(),
+                                                 {"Content-Type": "application/json"})
+                reply = json.loads(urllib.request.urlopen(request, timeout=30).read())
+                break
+            except OSError:
+                assert proc.poll() is None and time.time() < deadline, proc.stdout.read() if proc.poll() else "timeout"
+                time.sleep(0.5)
+        assert reply["choices"][0]["message"]["content"] in {"billing", "outage"}
+        assert reply["model"] == f"routing-student:{PV}"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

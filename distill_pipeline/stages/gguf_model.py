@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,6 @@ SCHEMA = "schema.json"
 GRAMMAR = "grammar.lark"
 MODELFILE = "Modelfile"
 README = "README.md"
-QUANTIZED = {"Q8_0", "Q5_0", "Q4_0"}
 
 
 @dataclass
@@ -98,9 +98,10 @@ def build_gguf_model(cfg: PipelineConfig, prompt_version: str, *, config_file: P
 
     run_id, version = record.get("mlflow_run_id"), evaluated.get("registered_version")
     if run_id:
-        registry.log_to_run(run_id, _small_files(out_dir), "gguf_model", {
-            "gguf.size_mb": export["size_bytes"] / 1e6, "gguf.parity_passed": float(not reasons),
-            **{f"gguf.{k}": v for k, v in _numbers(parity).items()}})
+        with tempfile.TemporaryDirectory(prefix="gguf-mlflow-") as tmp:
+            registry.log_to_run(run_id, _small_files(out_dir, Path(tmp)), "gguf_model", {
+                "gguf.size_mb": export["size_bytes"] / 1e6, "gguf.parity_passed": float(not reasons),
+                **{f"gguf.{k}": v for k, v in _numbers(parity).items()}})
     if version and not reasons:
         registry.tag_version(cfg.eval.registered_model, version, {
             "gguf_path": str(gguf_path), "gguf_sha256": export["sha256"], "gguf_type": export["out_type"],
@@ -228,14 +229,11 @@ def _numbers(data: dict[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in data.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
-def _small_files(out_dir: Path) -> Path:
-    """A folder of what MLflow keeps (everything but the GGUF and the merged weights: their sha256 and path are
-    logged instead of a second copy of the model)."""
+def _small_files(out_dir: Path, folder: Path) -> Path:
+    """`folder` filled with what MLflow keeps: everything but the GGUF and the merged weights (their sha256 and
+    path are logged instead of a second copy of the model)."""
     import shutil
 
-    folder = out_dir / "mlflow"
-    shutil.rmtree(folder, ignore_errors=True)
-    folder.mkdir()
     for name in (MANIFEST, SCHEMA, GRAMMAR, MODELFILE, README, "parity.json", "export.json"):
         if (out_dir / name).is_file():
             shutil.copy2(out_dir / name, folder / name)
