@@ -577,6 +577,36 @@ class GgufConfig(Section):
     serve_context: int = Field(2048, ge=64)
 
 
+class NightlyConfig(Section):
+    """The nightly rebuild: schedule `nightly` exports new rows, then the active prompt versions are refreshed."""
+
+    cron: str = "0 2 * * *"
+    timezone: str = "UTC"
+    # The prompt versions the night rebuilds, each a prompt file's name without suffix (e.g. sec_events_v2:
+    # it stays valid when the file is edited) or a full partition key. Empty: the newest file only (the last
+    # in natural order of file names, so v10 comes after v9). Older versions are rebuilt only when asked.
+    active_prompt_versions: tuple[str, ...] = ()
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_timezone(cls, value: str) -> str:
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown time zone {value!r} (an IANA name such as UTC or Europe/Berlin)") from None
+        return value
+
+
+class AlertsConfig(Section):
+    """What a failed run leaves behind: a summary file under <home>/alerts, and optionally a webhook post."""
+
+    # Environment variable holding an incoming-webhook URL (Slack, Mattermost, Teams...); it receives
+    # {"text": summary}. Unset or empty: no post, the summary file only.
+    webhook_url_env: str = "DISTILL_ALERT_WEBHOOK_URL"
+
+
 class PipelineConfig(Section):
     home: Path = Path(".distill")
     prompts_dir: Path = Path("prompts")
@@ -591,6 +621,8 @@ class PipelineConfig(Section):
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
     gguf: GgufConfig = GgufConfig()
+    nightly: NightlyConfig = NightlyConfig()
+    alerts: AlertsConfig = AlertsConfig()
 
     @property
     def artifacts_dir(self) -> Path:

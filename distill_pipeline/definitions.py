@@ -16,13 +16,14 @@ from distill_pipeline.defs.resources import (ComputeResource, DemoTeacherResourc
 
 def build_defs(config_file: str | None = None) -> dg.Definitions:
     settings = SettingsResource(config_file=config_file)
-    teacher_cfg = settings.load().teacher
+    cfg = settings.load()
+    teacher_cfg = cfg.teacher
     teacher = DemoTeacherResource() if teacher_cfg.kind == "demo" else OpenAITeacherResource.from_env(teacher_cfg.api_key_env)
     return dg.Definitions(
         assets=dg.load_assets_from_modules([assets]),
         jobs=[automation.export_job, automation.refresh_job],
-        schedules=[automation.nightly_schedule],
-        sensors=[automation.prompt_versions_sensor, automation.refresh_after_export],
+        schedules=[automation.nightly_schedule(cfg.nightly)],
+        sensors=[automation.prompt_versions_sensor, automation.refresh_after_export, automation.alert_on_failure],
         resources={
             "settings": settings,
             "postgres": PostgresResource(settings=settings),

@@ -1,37 +1,116 @@
-"""What starts runs: the prompt-version sensor (a new prompt file -> a partition and its backfill) and the
-nightly rebuild (export, then every prompt version's chain)."""
+"""What starts runs, and what a failed one leaves behind.
+
+- schedule `nightly` (cron and time zone from config `nightly`) exports new rows;
+- sensor `refresh_after_export`: after a successful export, one run per *active* prompt version
+  (config nightly.active_prompt_versions; default the newest) for everything downstream of source_rows,
+  skipped for a version already built from exactly these rows (a night without new rows pays nothing);
+- sensor `prompt_versions_sensor`: a new prompt file -> a partition and its backfill;
+- sensor `alert_on_failure`: a failed run -> a summary file under <home>/alerts (and a webhook post).
+
+Runs carry the tag `distill/trigger`, so the run queue in dagster.yaml can bound how many of each kind run at once.
+"""
+
+from __future__ import annotations
 
 from pathlib import Path
 
 import dagster as dg
 
+from distill_pipeline.config import ConfigError, NightlyConfig
 from distill_pipeline.defs.partitions import prompt_versions
 from distill_pipeline.defs.resources import SettingsResource
-from distill_pipeline.stages.prompts import PROMPT_SUFFIXES, PromptError, load_prompt
+from distill_pipeline import alerts
+from distill_pipeline.stages.prompts import PROMPT_SUFFIXES, PromptError, active_versions, load_prompt, load_prompts
+
+TRIGGER_TAG = "distill/trigger"
+SOURCE_VERSION_TAG = "distill/source_data_version"
+PROMPT_VERSION_TAG = "distill/prompt_version"
 
 # A run cannot mix the unpartitioned export with the prompt-version partitions, so the night is two
 # steps: the schedule exports; when that run succeeds, a run status sensor requests one run per
-# registered prompt version for everything downstream of source_rows.
+# active prompt version for everything downstream of source_rows.
 export_job = dg.define_asset_job("nightly_export", selection=dg.AssetSelection.assets("source_rows"))
 refresh_job = dg.define_asset_job(
     "refresh_prompt_version", selection=dg.AssetSelection.assets("source_rows").downstream(include_self=False),
     partitions_def=prompt_versions,
 )
-nightly_schedule = dg.ScheduleDefinition(
-    name="nightly", cron_schedule="0 2 * * *", job=export_job, execution_timezone="UTC",
-    description="Export new teacher rows every night at 02:00 UTC; the refresh sensor takes it from there.",
-)
+
+
+def nightly_schedule(nightly: NightlyConfig) -> dg.ScheduleDefinition:
+    from dagster._utils.schedules import is_valid_cron_string
+
+    if not is_valid_cron_string(nightly.cron):
+        raise ConfigError(f"nightly.cron={nightly.cron!r} is not a cron string "
+                          "(five fields: minute hour day-of-month month day-of-week, e.g. '0 2 * * *')")
+    return dg.ScheduleDefinition(
+        name="nightly", cron_schedule=nightly.cron, job=export_job, execution_timezone=nightly.timezone,
+        tags={TRIGGER_TAG: "nightly"},
+        description=f"Export new teacher rows ({nightly.cron}, {nightly.timezone}); the sensor refresh_after_export "
+                    "then rebuilds the active prompt versions.",
+    )
+
+
+def current_source_version(instance: dg.DagsterInstance) -> str | None:
+    """The data version of the latest source_rows export (a digest of the exported files)."""
+    from dagster._core.definitions.data_version import extract_data_version_from_entry
+
+    event = instance.get_latest_materialization_event(dg.AssetKey("source_rows"))
+    version = extract_data_version_from_entry(event) if event else None
+    return version.value if version else None
+
+
+def _failed_only_at_a_gate(instance: dg.DagsterInstance, run_id: str) -> bool:
+    """Whether every failed step of the run failed because a blocking check did not pass (a verdict on
+    these rows, which rerunning on the same rows would only repeat)."""
+    failures = instance.all_logs(run_id, of_type=dg.DagsterEventType.STEP_FAILURE)
+    errors = [getattr(e.dagster_event.step_failure_data, "error", None) for e in failures]
+    return bool(errors) and all(err is not None and err.cls_name == "DagsterAssetCheckFailedError" for err in errors)
+
+
+def refresh_decision(instance: dg.DagsterInstance, partition: str, source_version: str) -> str | None:
+    """None when `partition` must be rebuilt from `source_version`; else why not (one line)."""
+    runs = instance.get_runs(filters=dg.RunsFilter(
+        tags={"dagster/partition": partition, SOURCE_VERSION_TAG: source_version}), limit=1)
+    if not runs:
+        return None
+    run = runs[0]
+    if run.status == dg.DagsterRunStatus.SUCCESS:
+        return f"{partition}: already built from these rows (run {run.run_id[:8]})"
+    if run.status not in (dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.CANCELED):
+        return f"{partition}: a run on these rows is {run.status.value.lower()} ({run.run_id[:8]})"
+    if run.status == dg.DagsterRunStatus.FAILURE and _failed_only_at_a_gate(instance, run.run_id):
+        return f"{partition}: its student failed the gate on these rows (run {run.run_id[:8]}); nothing new to train on"
+    return None  # failed or cancelled for another reason: try again
 
 
 @dg.run_status_sensor(run_status=dg.DagsterRunStatus.SUCCESS, monitored_jobs=[export_job],
                       request_job=refresh_job, name="refresh_after_export")
-def refresh_after_export(context: dg.RunStatusSensorContext):
-    """After a successful export, rebuild every prompt version from the new rows."""
-    keys = context.instance.get_dynamic_partitions(prompt_versions.name)
-    if not keys:
-        return dg.SkipReason("no prompt versions registered yet")
-    run_id = context.dagster_run.run_id
-    return [dg.RunRequest(run_key=f"{run_id}:{key}", partition_key=key) for key in sorted(keys)]
+def refresh_after_export(context: dg.RunStatusSensorContext, settings: SettingsResource):
+    """After a successful export, rebuild the active prompt versions that these rows have not built yet."""
+    cfg = settings.load()
+    try:
+        active = active_versions(load_prompts(cfg.prompts_dir), cfg.nightly.active_prompt_versions)
+    except PromptError as exc:
+        raise ConfigError(str(exc)) from None  # a sensor error shows in the UI and reaches alert_on_failure's log
+    source_version = current_source_version(context.instance)
+    if not active or source_version is None:
+        return dg.SkipReason("no prompt version in prompts_dir" if not active else "source_rows has no data version")
+    todo, skipped = [], []
+    for key in active:
+        reason = refresh_decision(context.instance, key, source_version)
+        (skipped.append(reason) if reason else todo.append(key))
+    for reason in skipped:
+        context.log.info(f"not refreshed: {reason}")
+    if not todo:
+        return dg.SkipReason("; ".join(skipped))
+    known = set(context.instance.get_dynamic_partitions(prompt_versions.name))
+    trigger = context.dagster_run.tags.get(TRIGGER_TAG, "manual")
+    return dg.SensorResult(
+        dynamic_partitions_requests=[prompt_versions.build_add_request([k for k in todo if k not in known])],
+        run_requests=[dg.RunRequest(run_key=f"{context.dagster_run.run_id}:{key}", partition_key=key,
+                                    tags={TRIGGER_TAG: trigger, PROMPT_VERSION_TAG: key,
+                                          SOURCE_VERSION_TAG: source_version}) for key in todo],
+    )
 
 
 def scan_prompt_versions(folder: Path) -> tuple[list[str], list[str]]:
@@ -65,8 +144,46 @@ def prompt_versions_sensor(context: dg.SensorEvaluationContext, settings: Settin
         return dg.SkipReason(f"no new prompt version in {cfg.prompts_dir} ({len(keys)} known"
                              + (f"; {len(errors)} malformed file(s): {errors}" if errors else "") + ")")
     context.log.info(f"new prompt versions: {new}")
+    source_version = current_source_version(context.instance)
+    tags = {TRIGGER_TAG: "prompt-version-sensor"} | ({SOURCE_VERSION_TAG: source_version} if source_version else {})
     return dg.SensorResult(
         dynamic_partitions_requests=[prompt_versions.build_add_request(new)],
         run_requests=[dg.RunRequest(run_key=f"prompt-version-{k}", partition_key=k,
-                                    tags={"distill/prompt_version": k}) for k in new],
+                                    tags={**tags, PROMPT_VERSION_TAG: k}) for k in new],
     )
+
+
+def _root_error_line(error) -> str:
+    """The first line of the innermost cause: 'RuntimeError: pod evicted', not Dagster's wrapper around it."""
+    while error.cause is not None:
+        error = error.cause
+    first = (error.message.strip().splitlines() or [""])[0]
+    return first if (error.cls_name or "") in first.split(":")[0] else f"{error.cls_name}: {first}"
+
+
+def _failed_checks(instance: dg.DagsterInstance, run_id: str) -> list[tuple[str, dict]]:
+    out = []
+    for entry in instance.all_logs(run_id, of_type=dg.DagsterEventType.ASSET_CHECK_EVALUATION):
+        evaluation = entry.dagster_event.event_specific_data
+        if not evaluation.passed:
+            figures = {k: getattr(v, "value", v) for k, v in (evaluation.metadata or {}).items()}
+            out.append((f"{evaluation.asset_key.to_user_string()}.{evaluation.check_name}", figures))
+    return out
+
+
+@dg.run_failure_sensor(name="alert_on_failure", default_status=dg.DefaultSensorStatus.RUNNING,
+                       monitor_all_code_locations=False)
+def alert_on_failure(context: dg.RunFailureSensorContext, settings: SettingsResource):
+    """A failed run -> <home>/alerts/<time>-<run>.md (what failed, why, how to rerun) and, when the webhook
+    variable is set, a post to it. A failed gate is a verdict, not an outage: summarised, not posted."""
+    cfg = settings.load()
+    run = context.dagster_run
+    failures = [(e.step_key or "?", _root_error_line(e.dagster_event.step_failure_data.error))
+                for e in context.instance.all_logs(run.run_id, of_type=dg.DagsterEventType.STEP_FAILURE)
+                if e.dagster_event and e.dagster_event.step_failure_data.error]
+    summary = alerts.RunFailure(
+        run_id=run.run_id, job=run.job_name, partition=run.tags.get("dagster/partition"),
+        trigger=run.tags.get(TRIGGER_TAG, "manual"), run_error=context.failure_event.message or "",
+        failed_steps=failures, failed_checks=_failed_checks(context.instance, run.run_id), gate_only=_failed_only_at_a_gate(context.instance, run.run_id))
+    path, posted = alerts.deliver(summary, cfg)
+    context.log.info(f"failure summary written to {path}" + ("; webhook notified" if posted else ""))

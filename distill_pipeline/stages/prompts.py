@@ -146,3 +146,28 @@ def load_prompts(folder: Path) -> dict[str, PromptVersion]:
             version = load_prompt(path)
             versions[version.key] = version
     return versions
+
+
+def _natural_order(name: str) -> list:
+    # "v10" after "v9": digit runs compare as numbers.
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
+def active_versions(versions: dict[str, PromptVersion], wanted: tuple[str, ...] | list[str]) -> list[str]:
+    """Keys of the prompt versions the nightly rebuild refreshes (setting nightly.active_prompt_versions).
+
+    Each wanted name is a prompt file's name without suffix or a full key; none -> the newest file only.
+    """
+    by_file = sorted(versions.values(), key=lambda v: _natural_order(v.path.stem))
+    if not by_file:
+        return []
+    if not wanted:
+        return [by_file[-1].key]
+    keys = []
+    for name in wanted:
+        match = [v.key for v in by_file if name in (v.key, v.path.stem, slugify(v.path.stem))]
+        if not match:
+            raise PromptError(f"nightly.active_prompt_versions: {name!r} is no prompt file in {by_file[0].path.parent} "
+                              f"(the files: {', '.join(v.path.stem for v in by_file)})")
+        keys.extend(k for k in match if k not in keys)
+    return keys

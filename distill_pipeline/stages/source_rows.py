@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import difflib
 import gc
+import hashlib
 import json
 import logging
 import os
@@ -59,6 +60,9 @@ class ExportResult:
     since: str | None
     seconds: float
     shards: int
+    # Digest of every exported file's content: equal across two exports exactly when no row changed, so
+    # the nightly refresh can skip a night without new rows.
+    data_version: str
     manifest_path: str
     files: list[str] = field(default_factory=list)
 
@@ -70,7 +74,8 @@ class ExportResult:
         return {"rows_read": self.rows_read, "rows_total": self.rows_total, "bytes_total": self.bytes_total,
                 "shards": self.shards, "days_rewritten": len(self.days_rewritten), "watermark": self.watermark or {},
                 "reread_from": self.since or "start", "duration_s": round(self.seconds, 3),
-                "rows_per_s": round(self.rows_per_s), "manifest_path": self.manifest_path}
+                "rows_per_s": round(self.rows_per_s), "data_version": self.data_version,
+                "manifest_path": self.manifest_path}
 
 
 def _sql_literal(value: str) -> str:
@@ -181,6 +186,20 @@ def query_fingerprint(source: SourceConfig) -> str:
 def read_manifest(stage_dir: Path) -> dict | None:
     path = stage_dir / MANIFEST
     return json.loads(path.read_text()) if path.exists() else None
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def data_version(files: list[dict]) -> str:
+    """One digest of the export's content (file paths and their digests), the same for the same rows."""
+    joined = "\n".join(f"{f['path']} {f['sha256']}" for f in sorted(files, key=lambda f: f["path"]))
+    return hashlib.sha256(joined.encode()).hexdigest()[:16]
 
 
 def _write_json_atomic(path: Path, data: dict) -> None:
@@ -408,8 +427,8 @@ def export_source_rows(db: Database, source: SourceConfig, stage_dir: Path) -> E
             shutil.rmtree(trash, ignore_errors=True)
         else:
             os.replace(writer.folder, final)
-        files = [{"path": f"day={day}/{f['name']}", "rows": f["rows"],
-                  "bytes": (final / f["name"]).stat().st_size} for f in writer.files]
+        files = [{"path": f"day={day}/{f['name']}", "rows": f["rows"], "bytes": (final / f["name"]).stat().st_size,
+                  "sha256": file_sha256(final / f["name"])} for f in writer.files]
         days[day] = {"rows": sum(f["rows"] for f in files), "files": files}
     shutil.rmtree(staging, ignore_errors=True)
 
@@ -418,6 +437,8 @@ def export_source_rows(db: Database, source: SourceConfig, stage_dir: Path) -> E
         ts, row_id = last_row
         watermark = {"created_at": ts.astimezone(timezone.utc).isoformat(), "id": row_id}
     all_files = [f for d in sorted(days) for f in days[d]["files"]]
+    for f in all_files:  # manifests written before digests were kept
+        f.setdefault("sha256", file_sha256(stage_dir / f["path"]))
     new_manifest = {
         "format": 1,
         "table": source.table,
@@ -427,6 +448,7 @@ def export_source_rows(db: Database, source: SourceConfig, stage_dir: Path) -> E
         "rows": sum(f["rows"] for f in all_files),
         "bytes": sum(f["bytes"] for f in all_files),
         "schema": schema.to_string() if schema is not None else (manifest or {}).get("schema"),
+        "data_version": data_version(all_files),
     }
     _write_json_atomic(stage_dir / MANIFEST, new_manifest)
     return ExportResult(
@@ -438,6 +460,7 @@ def export_source_rows(db: Database, source: SourceConfig, stage_dir: Path) -> E
         since=since.isoformat() if since else None,
         seconds=time.perf_counter() - started,
         shards=len(all_files),
+        data_version=new_manifest["data_version"],
         manifest_path=str(stage_dir / MANIFEST),
         files=[f["path"] for f in all_files],
     )
