@@ -388,11 +388,23 @@ class _Clusters:
         """
         pairs = pairs[np.argsort(-agree, kind="stable")]
         window = self.p.verify_batch * self.p.workers * 4
-        while len(pairs):
-            pairs = pairs[self.root[pairs[:, 0]] != self.root[pairs[:, 1]]]
-            if not len(pairs):
+        # The queue is `carry` then pairs[pos:]. Only the next window is filtered and copied each round
+        # (filtering and copying the whole queue every round made this quadratic in the number of pairs);
+        # a pair's fate is decided when it reaches the head, against the clusters as they are then.
+        carry, pos = pairs[:0], 0
+        while True:
+            parts = [carry[self.root[carry[:, 0]] != self.root[carry[:, 1]]]]
+            have = len(parts[0])
+            while have < window and pos < len(pairs):
+                chunk = pairs[pos: pos + window]
+                pos += len(chunk)
+                chunk = chunk[self.root[chunk[:, 0]] != self.root[chunk[:, 1]]]
+                parts.append(chunk)
+                have += len(chunk)
+            queued = np.concatenate(parts)
+            if not len(queued):
                 break
-            head = pairs[:window]
+            head, overflow = queued[:window], queued[window:]
             ra, rb = self.root[head[:, 0]], self.root[head[:, 1]]
             chosen = np.zeros(len(head), bool)
             chosen[_first_of_each(np.minimum(ra, rb), np.maximum(ra, rb))] = True
@@ -405,7 +417,7 @@ class _Clusters:
                 self.edges.append(batch[ok])
                 self.sims.append(sim[ok])
                 self.root = _components(self.root, batch[ok])
-            pairs = np.concatenate((head[~chosen], pairs[window:]))
+            carry = np.concatenate((head[~chosen], overflow))
 
 
 # ---------------------------------------------------------------- exact verification

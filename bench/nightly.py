@@ -1,0 +1,124 @@
+"""What a night costs: the data half after 1% new rows ÷ the same stages on a fresh home, on the same table.
+
+    .venv/bin/python bench/nightly.py [--rows 200000] [--new-share 0.01] [--database-url URL]
+
+Seeds N demo rows; run A ("full"): a fresh home runs source_rows, teacher_labels, curated_examples and
+dataset_splits for the newest prompt version through the stage entry points the assets call; then 1% new rows
+(created now, after the watermark) arrive; run B ("incremental"): the same home runs the same stages again.
+Run C: a night without new rows, where the refresh sensor skips the prompt version after the export
+(measured: the export, and the sensor's decision, which must be "skip").
+
+Per stage and in total: `full_s`, `incremental_s`, and `ratio_incremental_vs_full` (target <= 0.05).
+Without --database-url (or BENCH_DATABASE_URL) an embedded pgserver is used. Last line: one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from distill_pipeline.clients.postgres import Database, quote_table  # noqa: E402
+from distill_pipeline.clients.teacher import DemoTeacher  # noqa: E402
+from distill_pipeline.config import load_config  # noqa: E402
+from distill_pipeline.demo.seed import seed_demo_table  # noqa: E402
+from distill_pipeline.stages.curated_examples import build_curated_examples  # noqa: E402
+from distill_pipeline.stages.dataset_splits import build_dataset_splits  # noqa: E402
+from distill_pipeline.stages.prompts import active_versions, load_prompts  # noqa: E402
+from distill_pipeline.stages.source_rows import build_source_rows  # noqa: E402
+from distill_pipeline.stages.teacher_labels import build_teacher_labels  # noqa: E402
+
+STAGES = ["source_rows", "teacher_labels", "curated_examples", "dataset_splits"]
+
+
+def data_half(cfg, db: Database, version: str) -> tuple[dict[str, float], str]:
+    """Seconds per stage, and the export's data version."""
+    seconds = {}
+    started = time.perf_counter()
+    exported = build_source_rows(cfg, db)
+    seconds["source_rows"] = time.perf_counter() - started
+    with DemoTeacher().open(cfg.teacher) as endpoint:
+        started = time.perf_counter()
+        build_teacher_labels(cfg, version, db, endpoint)
+        seconds["teacher_labels"] = time.perf_counter() - started
+    started = time.perf_counter()
+    build_curated_examples(cfg, version)
+    seconds["curated_examples"] = time.perf_counter() - started
+    started = time.perf_counter()
+    build_dataset_splits(cfg, version)
+    seconds["dataset_splits"] = time.perf_counter() - started
+    return seconds, exported.data_version
+
+
+def add_new_rows(db: Database, table: str, prompts_dir: Path, n: int, first_id: int) -> None:
+    """n rows of new content, created now (a night's worth of new teacher outputs)."""
+    seed_demo_table(db, table, prompts_dir, rows=n, seed=first_id, first_id=first_id)
+    with db.connect() as conn:
+        conn.execute(f"UPDATE {quote_table(table)} SET created_at = now() WHERE id >= {first_id}")
+        conn.commit()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--rows", type=int, default=200_000)
+    ap.add_argument("--new-share", type=float, default=0.01)
+    ap.add_argument("--database-url", default=os.environ.get("BENCH_DATABASE_URL"))
+    args = ap.parse_args()
+
+    workdir = Path(tempfile.mkdtemp(prefix="bench-nightly-"))
+    url = args.database_url
+    if not url:
+        import pgserver
+
+        url = pgserver.get_server(workdir / "pgdata", cleanup_mode="delete").get_uri()
+    # A database of its own on that server, so no table of anyone's is touched.
+    import psycopg
+    from urllib.parse import urlsplit, urlunsplit
+
+    name = f"bench_nightly_{os.getpid()}"
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    url = urlunsplit(urlsplit(url)._replace(path="/" + name))
+    os.environ["DISTILL_HOME"] = str(workdir / "home")
+    os.environ["DATABASE_URL"] = url
+    cfg = load_config()
+    db = Database(url)
+    seed_demo_table(db, cfg.source.table, cfg.prompts_dir, rows=args.rows, seed=3)
+    version = active_versions(load_prompts(cfg.prompts_dir), cfg.nightly.active_prompt_versions)[0]
+    print(f"{args.rows:,} rows; prompt version {version}", file=sys.stderr)
+
+    full, version_a = data_half(cfg, db, version)
+    print(f"full:        {json.dumps({k: round(v, 2) for k, v in full.items()})}", file=sys.stderr)
+    new_rows = max(1, int(args.rows * args.new_share))
+    add_new_rows(db, cfg.source.table, cfg.prompts_dir, new_rows, first_id=args.rows + 1)
+    incremental, version_b = data_half(cfg, db, version)
+    print(f"incremental: {json.dumps({k: round(v, 2) for k, v in incremental.items()})}", file=sys.stderr)
+
+    # A night without new rows: the export runs, its data version is unchanged, the refresh is skipped.
+    started = time.perf_counter()
+    version_c = build_source_rows(cfg, db).data_version
+    quiet_night_s = time.perf_counter() - started
+
+    total_full, total_incr = sum(full.values()), sum(incremental.values())
+    print(json.dumps({
+        "rows": args.rows, "new_rows": new_rows,
+        "full_s": {k: round(v, 3) for k, v in full.items()},
+        "incremental_s": {k: round(v, 3) for k, v in incremental.items()},
+        "ratio_incremental_vs_full_by_stage": {k: round(incremental[k] / full[k], 3) for k in STAGES},
+        "ratio_incremental_vs_full": round(total_incr / total_full, 3),
+        "quiet_night_s": round(quiet_night_s, 3),
+        "quiet_night_ratio_vs_full": round(quiet_night_s / total_full, 4),
+        "quiet_night_skips_refresh": version_c == version_b,
+        "new_rows_change_data_version": version_a != version_b,
+    }))
+
+
+if __name__ == "__main__":
+    main()
