@@ -10,6 +10,10 @@
     distill export | curate K | split K run one data stage directly, without Dagster
 
 Every command reads the config from --config, else $DISTILL_CONFIG, else the demo config.
+
+`demo` and `materialize` print one line per stage with its key figures, progress bars on the long work (on a
+terminal, or with DISTILL_PROGRESS=1), and the paths at the end; Dagster's full log and everything else the
+run writes go to <home>/logs/distill-<command>-<timestamp>.log (distill_pipeline/console.py).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import socket
 import sys
 from pathlib import Path
 
+from distill_pipeline import console
 from distill_pipeline.config import ConfigError, PipelineConfig, load_config
 
 class UserError(Exception):
@@ -31,6 +36,8 @@ class UserError(Exception):
 
 INSTANCE_SETTINGS = Path(__file__).parent / "dagster.yaml"
 RUN_HOST_TAG, RUN_PID_TAG = "distill/host", "distill/pid"
+RUN_JOB = "__ephemeral_asset_job__"  # the job name dg.materialize gives its runs: the UI shows ours the same way
+LOGGED_COMMANDS = ("demo", "materialize")  # stage lines on the terminal, the full log in <home>/logs
 
 
 def dagster_instance(cfg: PipelineConfig):
@@ -65,7 +72,7 @@ def fail_runs_of_dead_processes(instance) -> list[str]:
                                             "(killed?); marked failed by the next distill command")
             failed.append(run.run_id)
     if failed:
-        print(f"marked {len(failed)} run(s) of killed distill processes as failed: {', '.join(failed)}", flush=True)
+        console.say(f"marked {len(failed)} run(s) of killed distill processes as failed: {', '.join(failed)}")
     return failed
 
 
@@ -103,7 +110,12 @@ def asset_chain(defs) -> tuple[list[str], list[str]]:
 
 def materialize(defs, select: list[str], partition: str | None, instance, *, gate_may_fail: bool = False) -> None:
     """Materialize `select` in one run; a failed run exits non-zero, unless `gate_may_fail` and what failed is a
-    blocking check (the demo shows a student that falls short failing its gate, with the figures)."""
+    blocking check (the demo shows a student that falls short failing its gate, with the figures).
+
+    In a console session (distill demo / materialize) the run's only logger is the session's: Dagster's log
+    goes to the session's log file, one line per stage (and a line per failed step or blocking check) and the
+    progress bars to the terminal. Otherwise Dagster's default console logger prints everything, as
+    dg.materialize does."""
     import dagster as dg
 
     plain, partitioned = asset_chain(defs)
@@ -119,19 +131,28 @@ def materialize(defs, select: list[str], partition: str | None, instance, *, gat
         known = sorted(instance.get_dynamic_partitions(prompt_versions.name))
         if partition not in known:
             raise UserError(f"unknown prompt version {partition!r}; the registered ones are: {', '.join(known) or 'none'}")
-    print(f"materializing {', '.join(select)}" + (f" [{partition}]" if partition else ""), flush=True)
-    result = dg.materialize(list(defs.assets or []) + list(defs.asset_checks or []), selection=select,
-                            partition_key=partition, instance=instance, resources=dict(defs.resources or {}),
-                            tags={RUN_HOST_TAG: socket.gethostname(), RUN_PID_TAG: str(os.getpid())},
-                            raise_on_error=False)
+    session = console.current()
+    console.say(f"materializing {', '.join(select)}" + (f" [{partition}]" if partition else ""))
+    # dg.materialize, plus the session's logger: the same ephemeral job over the same assets and resources.
+    loggers = {"distill": session.dagster_logger()} if session is not None else {}
+    run_defs = dg.Definitions(assets=list(defs.assets or []) + list(defs.asset_checks or []),
+                              resources=dict(defs.resources or {}), loggers=loggers,
+                              jobs=[dg.define_asset_job(RUN_JOB, selection=select)])
+    result = run_defs.resolve_job_def(RUN_JOB).execute_in_process(
+        run_config={"loggers": {name: {} for name in loggers}} if loggers else None, instance=instance,
+        partition_key=partition, tags={RUN_HOST_TAG: socket.gethostname(), RUN_PID_TAG: str(os.getpid())},
+        raise_on_error=False)
     failed_checks = [e for e in result.get_asset_check_evaluations() if not e.passed
                      and e.severity == dg.AssetCheckSeverity.ERROR]
-    for check in failed_checks:
-        figures = {k: getattr(v, "value", v) for k, v in (check.metadata or {}).items()}
-        print(f"check {check.asset_key.to_user_string()}.{check.check_name} FAILED"
-              + (f" [{partition}]" if partition else "") + f": {json.dumps(figures, default=str)}", flush=True)
+    if session is None:  # a session's logger printed them as they came
+        for check in failed_checks:
+            figures = {k: getattr(v, "value", v) for k, v in (check.metadata or {}).items()}
+            print(f"check {check.asset_key.to_user_string()}.{check.check_name} FAILED"
+                  + (f" [{partition}]" if partition else "") + f": {json.dumps(figures, default=str)}", flush=True)
     if not result.success and not (gate_may_fail and failed_checks):
-        raise SystemExit(f"materialization of {select} failed; see the run in the Dagster UI (make dev)")
+        where = f"the full log: {session.log_path}; " if session is not None else ""
+        raise SystemExit(f"materialization of {', '.join(select)}" + (f" [{partition}]" if partition else "")
+                         + f" failed; {where}the run in the Dagster UI (make dev)")
 
 
 def cmd_demo(args, cfg: PipelineConfig) -> None:
@@ -149,18 +170,29 @@ def cmd_demo(args, cfg: PipelineConfig) -> None:
         chain = partitioned[: partitioned.index(args.stop_after) + 1]
     db = Database.from_config(cfg)
     inserted = seed_demo_table(db, cfg.source.table, cfg.prompts_dir, rows=args.rows, seed=args.seed)
-    print(f"demo table {cfg.source.table}: {inserted} new rows (Postgres at {db.safe_url})")
+    console.say(f"demo table {cfg.source.table}: {inserted} new rows (Postgres at {db.safe_url})")
     instance = dagster_instance(cfg)
     keys = register_prompt_versions(cfg, instance)
     materialize(defs, plain, None, instance)
     for key in keys:
         materialize(defs, chain, key, instance, gate_may_fail=True)
-    print("\nOutputs:")
+    console.say("\nOutputs:")
     for stage in plain + partitioned:
         path = cfg.stage_dir(stage)
         if path.exists():
-            print(f"  {stage:18s} {path.resolve()}")
-    print(f"  {'dagster runs':18s} {os.environ['DAGSTER_HOME']}   (open them with: make dev)")
+            console.say(f"  {stage:18s} {path.resolve()}")
+    console.say(f"  {'dagster runs':18s} {os.environ['DAGSTER_HOME']}   (open them with: make dev)")
+    say_outputs()
+
+
+def say_outputs() -> None:
+    """The reports and GGUFs this command built, and its log file."""
+    session = console.current()
+    if session is None:
+        return
+    for what, path in session.outputs:
+        console.say(f"  {what:18s} {path}")
+    console.say(f"  {'full log':18s} {session.log_path}")
 
 
 def cmd_materialize(args, cfg: PipelineConfig) -> None:
@@ -176,15 +208,17 @@ def cmd_materialize(args, cfg: PipelineConfig) -> None:
     if not select:
         select = partitioned if (args.partition or args.all_versions) else plain
         what = "the export" if select == plain else "the chain of each prompt version"
-        print(f"no assets named: materializing {what} ({', '.join(select)}); name assets to choose", flush=True)
+        console.say(f"no assets named: materializing {what} ({', '.join(select)}); name assets to choose")
     if not args.all_versions:
         materialize(defs, select, args.partition, instance)
+        say_outputs()
         return
     if any(name in plain for name in select):
         raise UserError(f"--all-versions runs prompt-version assets; {', '.join(n for n in select if n in plain)} "
                         "is not one (materialize it without --all-versions)")
     for key in keys:
         materialize(defs, select, key, instance)
+    say_outputs()
 
 
 def cmd_seed(args, cfg: PipelineConfig) -> None:
@@ -384,14 +418,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("pgserver").setLevel(logging.WARNING)  # it logs every pg_ctl call at INFO
     args = build_parser().parse_args(argv)
+    if args.command not in LOGGED_COMMANDS:
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+        logging.getLogger("pgserver").setLevel(logging.WARNING)  # it logs every pg_ctl call at INFO
     from distill_pipeline.stages.prompts import PromptError
 
     try:
         cfg = load_config(args.config)
-        args.func(args, cfg)
+        if args.command in LOGGED_COMMANDS:
+            # The terminal gets the stage lines and bars; Dagster's log and all other output, the log file.
+            with console.session(cfg.home, args.command) as session:
+                console.say(f"full log: {session.log_path}")
+                args.func(args, cfg)
+        else:
+            args.func(args, cfg)
     except (ConfigError, UserError, PromptError, ConnectionError, FileNotFoundError) as exc:
         # User errors (a setting, a prompt file, an unreachable database, a stage not run yet): one line,
         # exit status 2. Anything else is a bug and keeps its traceback.

@@ -82,8 +82,10 @@ def _sql_literal(value: str) -> str:
     return "'" + value.replace("'", "''") + "'"
 
 
-def build_query(source: SourceConfig, since: datetime | None, until: datetime | None = None) -> str:
-    """The export SELECT. Identifiers were validated by the config; values are ours or escaped."""
+def build_query(source: SourceConfig, since: datetime | None, until: datetime | None = None, *,
+                ordered: bool = True) -> str:
+    """The export SELECT (`ordered=False`: without the ORDER BY, for counting its rows). Identifiers were
+    validated by the config; values are ours or escaped."""
     c = source.columns
 
     def col(name: str | None, alias: str, cast: str = "") -> str:
@@ -116,7 +118,7 @@ def build_query(source: SourceConfig, since: datetime | None, until: datetime | 
     sql = f"SELECT {select} FROM {quote_table(source.table)}"
     if where:
         sql += " WHERE " + " AND ".join(where)
-    return sql + f" ORDER BY {quote_ident(c.created_at)}, {quote_ident(c.id)}"
+    return sql + (f" ORDER BY {quote_ident(c.created_at)}, {quote_ident(c.id)}" if ordered else "")
 
 
 class SourceTableError(ConfigError):
@@ -356,6 +358,18 @@ def _split_days(db: Database, source: SourceConfig, since: datetime | None) -> l
     return list(zip([since] + cuts, cuts + [None]))
 
 
+def _export_bar(db: Database, source: SourceConfig, since: datetime | None):
+    """The export's progress bar (distill_pipeline.console); its total is counted only when a bar is shown."""
+    from distill_pipeline.console import progress_bar, shows_progress
+
+    total = None
+    if shows_progress():
+        with db.connect() as conn:
+            total = conn.execute(f"SELECT count(*) FROM ({build_query(source, since, ordered=False)}) AS q"
+                                 ).fetchone()[0]
+    return progress_bar("source_rows export", total=total, unit="rows")
+
+
 def build_source_rows(cfg: PipelineConfig, db: Database) -> ExportResult:
     """The stage: rows past the watermark exported from the team's table into <home>/artifacts/source_rows."""
     return export_source_rows(db, cfg.source, cfg.stage_dir("source_rows"))
@@ -385,20 +399,31 @@ def export_source_rows(db: Database, source: SourceConfig, stage_dir: Path) -> E
     staging.mkdir()
     ranges = _split_days(db, source, since)
     sinks = [_DaySink(staging, source.shard_rows) for _ in ranges]
+    bar = _export_bar(db, source, since)
+    bar_lock = threading.Lock()
+
+    def writer(sink: _DaySink):
+        def write(batch: pa.RecordBatch) -> None:
+            sink.write(batch)
+            with bar_lock:  # several streams advance the one bar
+                bar.update(batch.num_rows)
+        return write
+
     gc_was_enabled = gc.isenabled()
     gc.disable()  # the stream allocates no cycles; collections only stall the GIL (~7% of the run)
     try:
         # Each stream: ADBC reading (C++, no GIL) and Parquet writing overlap in two threads;
         # streams cover disjoint day ranges, so they never write the same folder.
         with db.arrow_source() as arrow, ThreadPoolExecutor(max_workers=len(ranges)) as pool:
-            futures = [pool.submit(_pipe, _iter_batches(arrow, build_query(source, lo, hi), BATCH_BYTES), sink.write,
-                                   2) for (lo, hi), sink in zip(ranges, sinks)]
+            futures = [pool.submit(_pipe, _iter_batches(arrow, build_query(source, lo, hi), BATCH_BYTES),
+                                   writer(sink), 2) for (lo, hi), sink in zip(ranges, sinks)]
             for future in futures:
                 future.result()
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     finally:
+        bar.close()
         for sink in sinks:
             sink.close()
         if gc_was_enabled:

@@ -46,6 +46,29 @@ def test_rows(splits_dir: Path, limit: int | None) -> list[dict]:
     return rows
 
 
+def answer_by_batch(model, tokenizer, texts: list[str], *, instruction: str | None, max_new_tokens: int,
+                    batch_size: int, constraint=None, on_batch=None) -> list:
+    """student_generation.generate_answers, one batch at a time so that `on_batch(n)` can report progress.
+
+    The batches are the ones generate_answers makes itself (prompts longest first, a stable sort, cut every
+    batch_size), so the answers, and each answer's per-batch seconds, are those of one call on all texts."""
+    from distill_pipeline.stages import formatting, student_generation
+
+    lengths = [len(formatting.encode_prompt(tokenizer, text, instruction)) for text in texts]
+    order = sorted(range(len(texts)), key=lambda i: -lengths[i])
+    out: list = [None] * len(texts)
+    for start in range(0, len(order), batch_size):
+        members = order[start:start + batch_size]
+        batch = student_generation.generate_answers(
+            model, tokenizer, [texts[i] for i in members], instruction=instruction, max_new_tokens=max_new_tokens,
+            batch_size=batch_size, constraint=constraint)
+        for i, generated in zip(members, batch):
+            out[i] = generated
+        if on_batch is not None:
+            on_batch(len(members))
+    return out
+
+
 def percentile(values: list[float], q: float) -> float:
     import numpy as np
 
@@ -68,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     output_dir = Path(args.output_dir) if args.output_dir else cfg.stage_dir("eval_report", pv)
     adapter_dir = Path(args.adapter_dir) if args.adapter_dir else cfg.stage_dir("student_adapter", pv) / "adapter"
 
+    from distill_pipeline.console import WorkerProgress
     from distill_pipeline.workers.train import reporter
 
     with reporter() as pipes:
@@ -89,16 +113,21 @@ def main(argv: list[str] | None = None) -> int:
         constraint = student_generation.task_constraint(cfg.task, tokenizer) if ec.constrained else None
         say(f"{len(rows)} test rows of {pv}, adapter {adapter_dir}, constrained={constraint is not None}")
 
-        def answer(texts: list[str], batch_size: int, with_constraint: bool):
-            return student_generation.generate_answers(
-                model, tokenizer, texts, instruction=instruction, max_new_tokens=ec.max_new_tokens,
-                batch_size=batch_size, constraint=constraint if with_constraint else None, progress=pipes is None)
+        free_inputs = inputs[: ec.unconstrained_rows] if constraint is not None else []
+        timed_inputs = inputs[: ec.latency_requests]
+        progress = WorkerProgress(pipes, "eval", len(inputs) + len(free_inputs) + len(timed_inputs), "answers")
+
+        def answer(texts: list[str], batch_size: int, with_constraint: bool, what: str):
+            return answer_by_batch(model, tokenizer, texts, instruction=instruction, max_new_tokens=ec.max_new_tokens,
+                                   batch_size=batch_size, constraint=constraint if with_constraint else None,
+                                   on_batch=lambda n: progress.update(advance=n, detail=what))
 
         started = time.perf_counter()
-        answers = answer(inputs, ec.batch_size, True)
+        answers = answer(inputs, ec.batch_size, True, "constrained" if constraint is not None else "answers")
         batched_s = time.perf_counter() - started
-        free = answer(inputs[: ec.unconstrained_rows], ec.batch_size, False) if constraint is not None else []
-        timed = answer(inputs[: ec.latency_requests], 1, True)
+        free = answer(free_inputs, ec.batch_size, False, "without the schema")
+        timed = answer(timed_inputs, 1, True, "latency, one at a time")
+        progress.close()
 
         output_dir.mkdir(parents=True, exist_ok=True)
         unconstrained = [a.text for a in free] + [None] * (len(rows) - len(free)) if free \

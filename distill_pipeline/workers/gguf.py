@@ -75,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     adapter_dir = Path(args.adapter_dir) if args.adapter_dir else cfg.stage_dir("student_adapter", pv) / "adapter"
     eval_dir = Path(args.eval_dir) if args.eval_dir else cfg.stage_dir("eval_report", pv)
 
+    from distill_pipeline.console import WorkerProgress
     from distill_pipeline.workers.eval import PREDICTIONS
     from distill_pipeline.workers.train import reporter
 
@@ -89,6 +90,11 @@ def main(argv: list[str] | None = None) -> int:
         from distill_pipeline.stages.formatting import user_message
         from distill_pipeline.stages.student_generation import task_grammar
 
+        rows = pd.read_parquet(eval_dir / PREDICTIONS).head(gc.parity_rows)
+        # Each parity row counts twice: checked against the merged model (all at once, check_parity has no
+        # finer report), then answered through the serving path.
+        progress = WorkerProgress(pipes, "gguf", 2 * len(rows), "rows")
+        progress.update(0, detail="merging the adapter")
         output_dir.mkdir(parents=True, exist_ok=True)
         base = cfg.train.base_model
         location = student_model.prepare_base(base, base.cache_root())
@@ -97,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         merge_adapter(location, adapter_dir, merged, base.chat_template)
         merge_s = time.perf_counter() - started
         say(f"merged {adapter_dir} into {location} -> {merged} ({merge_s:.1f} s)")
+        progress.update(0, detail=f"writing {gc.out_type}")
 
         gguf_path = output_dir / gguf_name(cfg.eval.registered_model, pv, gc.out_type)
         started = time.perf_counter()
@@ -104,12 +111,13 @@ def main(argv: list[str] | None = None) -> int:
         export_s = time.perf_counter() - started
         say(f"wrote {gguf_path} ({info.size_bytes / 1e6:.1f} MB, {gc.out_type}) in {export_s:.1f} s")
 
-        rows = pd.read_parquet(eval_dir / PREDICTIONS).head(gc.parity_rows)
+        progress.update(0, detail="parity check")
         instruction = cfg.train.instruction if cfg.train.instruction is not None else cfg.task.instruction
         prompts = [user_message(text, instruction) for text in rows["input"]]
         report = gguf_parity.check_parity(gguf_path, merged, prompts, max_new_tokens=gc.max_new_tokens,
                                           out_type=gc.out_type, margin=gc.margin_nats)
         say(f"parity: {json.dumps(report.as_dict(), default=str)[:400]}")
+        progress.update(len(rows), detail="answers through the serving path")
 
         # The GGUF's own answers, through the same path as `distill serve` (raw input, task grammar).
         student = StudentModel(gguf_path, task_grammar(cfg.task), instruction=instruction,
@@ -118,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
         for text in rows["input"]:
             reply = student.chat({"messages": [{"role": "user", "content": text}]})
             answers.append(reply["choices"][0]["message"]["content"])
+            progress.update(advance=1, detail="answers through the serving path")
+        progress.close()
         rows.assign(output=answers, merged_output=rows["output"]).to_parquet(output_dir / GGUF_ANSWERS, index=False)
         (output_dir / PARITY).write_text(json.dumps(report.as_dict(), indent=2, default=str))
         (output_dir / EXPORT).write_text(json.dumps({

@@ -50,14 +50,25 @@ def reporter() -> Iterator[Any]:
         yield None
 
 
+def format_metrics(data: dict) -> str:
+    return " ".join(f"{key}={data[key]:.4g}" for key in ("loss", "eval_loss", "learning_rate", "grad_norm")
+                    if key in data)
+
+
 def format_event(kind: str, data: dict) -> str:
     if kind == "progress":
-        parts = [f"step {data.get('step')}/{data.get('max_steps')}"]
-        for key in ("loss", "eval_loss", "learning_rate", "grad_norm"):
-            if key in data:
-                parts.append(f"{key}={data[key]:.4g}")
-        return " ".join(parts)
+        return " ".join(filter(None, [f"step {data.get('step')}/{data.get('max_steps')}", format_metrics(data)]))
     return f"{kind}: " + json.dumps(data, default=str, sort_keys=True)
+
+
+def pipes_line(kind: str, data: dict) -> str:
+    """What goes to Dagster: training steps as progress messages (the orchestrating `distill` draws them as a
+    bar, distill_pipeline.console), anything else as format_event has it."""
+    if kind == "progress" and data.get("step") is not None and data.get("max_steps"):
+        from distill_pipeline.console import progress_message
+
+        return progress_message("train", data["step"], data["max_steps"], "steps", format_metrics(data))
+    return format_event(kind, data)
 
 
 def samples_markdown(samples: list[dict]) -> str:
@@ -117,11 +128,10 @@ def main(argv: list[str] | None = None) -> int:
         def report(kind: str, data: dict) -> None:
             if not is_main_process():
                 return
-            line = format_event(kind, data)
             if pipes is not None:
-                (pipes.log.warning if kind == "warning" else pipes.log.info)(line)
+                (pipes.log.warning if kind == "warning" else pipes.log.info)(pipes_line(kind, data))
             else:
-                print(f"[train {time.strftime('%H:%M:%S')}] {line}", flush=True)
+                print(f"[train {time.strftime('%H:%M:%S')}] {format_event(kind, data)}", flush=True)
 
         from distill_pipeline.stages.student_training import RESULT, train_student
 
