@@ -159,6 +159,7 @@ def eval_report(context: dg.AssetExecutionContext, settings: SettingsResource, c
     yield dg.MaterializeResult(metadata=as_metadata({
         "headline_metric": gate.headline_metric, "headline_value": gate.headline_value, "gate_passed": gate.passed,
         "unconstrained_headline": (report["unconstrained"] or {}).get("headline_value"),
+        "valid_json_rate": (report["metrics"].get("validity") or {}).get("valid_json_rate"),
         "report_path": result.html_path, "report_json_path": result.json_path, "failures": result.failures,
         "failures_path": result.failures_path, "rows": report["rows"],
         "latency_and_cost": report["latency_and_cost"], "loss_gap": report["training"]["loss_gap"],

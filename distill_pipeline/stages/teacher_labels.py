@@ -194,7 +194,7 @@ class RequestOutcome:
 
 async def _request_all(cfg: PipelineConfig, prompt: PromptVersion, todo: list[tuple[str, str]],
                        cache: LabelCache, api_key: str | None, logger: logging.Logger) -> RequestOutcome:
-    from tqdm.auto import tqdm
+    from distill_pipeline.console import progress_bar
 
     tcfg, task = cfg.teacher, cfg.task
     model = tcfg.model or prompt.teacher.model
@@ -216,8 +216,8 @@ async def _request_all(cfg: PipelineConfig, prompt: PromptVersion, todo: list[tu
 
     items = ((key, ChatRequest(prompt.messages(text), model, prompt.teacher.max_tokens,
                                prompt.teacher.temperature, dict(prompt.teacher.extra))) for key, text in todo)
-    bar = tqdm(total=len(todo), desc=f"teacher {prompt.key}", unit="req", disable=not tcfg.progress,
-               mininterval=2.0)
+    bar = progress_bar(f"teacher {prompt.key}", total=len(todo), unit="req", disable=not tcfg.progress,
+                       mininterval=2.0)
 
     def durable(labels: list[CachedLabel]) -> None:
         # An answer counts as done only once it is in the label cache.
