@@ -365,6 +365,12 @@ def cmd_serve(args, cfg: PipelineConfig) -> None:
     host, port = server.server_address[:2]
     print(f"serving {gguf.name} ({pv}) at http://{host}:{port}/v1 -- point the teacher's OpenAI client here "
           "(base_url); Ctrl-C stops", flush=True)
+    import signal
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt  # SIGTERM (docker stop, systemd) ends it like Ctrl-C, whatever llama.cpp installed
+
+    signal.signal(signal.SIGTERM, stop)
     try:
         server.serve_forever()
     except KeyboardInterrupt:

@@ -9,6 +9,7 @@ better champion keeps its alias.
 
 import json
 import random
+from pathlib import Path
 
 import dagster as dg
 import pyarrow as pa
@@ -134,8 +135,12 @@ def assert_distill_serve_answers(config_path):
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
+    # Output to a file, not a pipe nobody reads: llama.cpp logs every request, and a full pipe blocks the
+    # server's threads (and then its shutdown).
+    log_path = Path(config_path).parent / "serve.log"
+    log = open(log_path, "w")
     proc = subprocess.Popen([sys.executable, "-m", "distill_pipeline.cli", "--config", str(config_path), "serve",
-                             "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             "--port", str(port)], stdout=log, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "HF_HUB_OFFLINE": "1"})
     try:
         body = json.dumps({"model": "teacher", "messages": [{"role": "user", "content": "ticket 7: my account"}]})
@@ -147,10 +152,15 @@ def assert_distill_serve_answers(config_path):
                 reply = json.loads(urllib.request.urlopen(request, timeout=30).read())
                 break
             except OSError:
-                assert proc.poll() is None and time.time() < deadline, proc.stdout.read() if proc.poll() else "timeout"
+                assert proc.poll() is None and time.time() < deadline, log_path.read_text()
                 time.sleep(0.5)
         assert reply["choices"][0]["message"]["content"] in {"billing", "outage"}
         assert reply["model"] == f"routing-student:{PV}"
     finally:
         proc.terminate()
-        proc.wait(timeout=30)
+        try:
+            proc.wait(timeout=30)  # `distill serve` must stop on SIGTERM (systemd, docker stop)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            log.close()
