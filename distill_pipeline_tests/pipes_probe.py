@@ -41,8 +41,17 @@ def main() -> None:
         (out / "ready").write_text("")
         time.sleep(120)
         sys.exit(1)
-    if not accelerator.is_main_process:
-        return
+    if accelerator.is_main_process:
+        report(args, accelerator, value)
+    # All ranks leave together with the process group shut down, as the training worker does (leave_together): a rank that
+    # exits while another still holds its gloo connections can abort it ("terminate called without an
+    # active exception", SIGABRT), which made this test fail now and then.
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def report(args, accelerator, value) -> None:
     with open_dagster_pipes() as pipes:
         pipes.report_asset_materialization(metadata={
             "world_size": accelerator.num_processes,

@@ -112,7 +112,7 @@ def materialization_metadata(result: Any, tracker: Any, adapter_sha256: str) -> 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from distill_pipeline.clients.tracking import file_sha256, tracker_from_env
+    from distill_pipeline.clients.tracking import tracker_from_env
     from distill_pipeline.config import ConfigError, load_config
 
     try:
@@ -133,26 +133,44 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 print(f"[train {time.strftime('%H:%M:%S')}] {format_event(kind, data)}", flush=True)
 
-        from distill_pipeline.stages.student_training import RESULT, train_student
+        from distill_pipeline.stages.student_training import train_student
 
         tracker = tracker_from_env()
         report("info", {"prompt_version": pv, "splits_dir": str(splits_dir), "output_dir": str(output_dir),
                         "mlflow_run_id": tracker.run_id})
         result = train_student(cfg, splits_dir, output_dir, tracker=tracker, report=report)
-        if not is_main_process():
-            return 0
-        from distill_pipeline.stages.student_model import ADAPTER_WEIGHTS
-
-        adapter_sha = file_sha256(Path(result.adapter_dir) / ADAPTER_WEIGHTS)
-        tracker.log_artifact(Path(result.adapter_dir), "adapter")
-        tracker.log_artifact(Path(output_dir) / RESULT, "train_result")
-        metadata = materialization_metadata(result, tracker, adapter_sha)
-        if pipes is not None:
-            pipes.report_asset_materialization(metadata=metadata, data_version=adapter_sha[:16])
-        else:
-            print(json.dumps({k: (v["raw_value"] if isinstance(v, dict) and "raw_value" in v else v)
-                              for k, v in metadata.items() if k != "samples"}, default=str), flush=True)
+        if is_main_process():
+            report_adapter(result, output_dir, tracker, pipes)
+        leave_together()
     return 0
+
+
+def leave_together() -> None:
+    """Every rank exits together, with the process group shut down: a rank that exits while rank 0 still holds
+    its gloo/NCCL connections (uploading the adapter) can abort rank 0 ("terminate called without an active
+    exception", SIGABRT), and the launcher then fails a run whose adapter was saved."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def report_adapter(result, output_dir, tracker, pipes) -> None:
+    """Rank 0: the adapter and its result to the tracker, the materialization to Dagster (or stdout)."""
+    from distill_pipeline.clients.tracking import file_sha256
+    from distill_pipeline.stages.student_training import RESULT
+    from distill_pipeline.stages.student_model import ADAPTER_WEIGHTS
+
+    adapter_sha = file_sha256(Path(result.adapter_dir) / ADAPTER_WEIGHTS)
+    tracker.log_artifact(Path(result.adapter_dir), "adapter")
+    tracker.log_artifact(Path(output_dir) / RESULT, "train_result")
+    metadata = materialization_metadata(result, tracker, adapter_sha)
+    if pipes is not None:
+        pipes.report_asset_materialization(metadata=metadata, data_version=adapter_sha[:16])
+    else:
+        print(json.dumps({k: (v["raw_value"] if isinstance(v, dict) and "raw_value" in v else v)
+                          for k, v in metadata.items() if k != "samples"}, default=str), flush=True)
 
 
 if __name__ == "__main__":
