@@ -22,6 +22,28 @@ from distill_pipeline.config import PipelineConfig
 log = logging.getLogger(__name__)
 
 
+def root_error(error):
+    """The user's exception inside Dagster's wrapping (a step error's innermost cause)."""
+    while getattr(error, "cause", None) is not None:
+        error = error.cause
+    return error
+
+
+def one_line(text: str, limit: int = 240) -> str:
+    """The first non-empty line, URLs' passwords masked (errors quote connection strings), at most `limit` long."""
+    from distill_pipeline.masking import mask_url
+
+    line = mask_url(next((part.strip() for part in str(text).splitlines() if part.strip()), ""))
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def error_line(error) -> str:
+    """'RuntimeError: pod evicted' from a Dagster step error: its root cause, one line, with its class."""
+    error = root_error(error)
+    first = one_line(error.message)
+    return first if (error.cls_name or "") in first.split(":")[0] else f"{error.cls_name}: {first}"
+
+
 @dataclass
 class RunFailure:
     run_id: str
@@ -42,7 +64,7 @@ class RunFailure:
             lines.append("failed steps:")
             lines += [f"  - {step}: {error}" for step, error in self.failed_steps]
         elif self.run_error:
-            lines.append(f"error: {self.run_error.strip().splitlines()[0]}")
+            lines.append(f"error: {one_line(self.run_error)}")
         if self.failed_checks:
             lines.append("failed checks:")
             lines += [f"  - {name}: {json.dumps(figures, default=str)}" for name, figures in self.failed_checks]

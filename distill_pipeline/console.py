@@ -35,6 +35,8 @@ from typing import Any, Callable, Iterator
 
 from tqdm import tqdm
 
+from distill_pipeline.alerts import one_line, root_error
+
 PROGRESS_ENV = "DISTILL_PROGRESS"  # 1: bars even when stderr is not a terminal; 0: never
 DAGSTER_FORMAT = "%(asctime)s - %(name)s - %(levelname)s - %(message)s"  # Dagster's own console format
 PYTHON_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -338,7 +340,7 @@ class _RunEvents(logging.Handler):
         if progress is not None and step:
             self.session.show_progress(step, progress)
         elif level >= logging.WARNING:  # what a stage or Dagster warns about, e.g. a step not run
-            self.session.say(f"  {step or 'run':<17}{logging.getLevelName(level).lower()}: {_one_line(message)}")
+            self.session.say(f"  {step or 'run':<17}{logging.getLevelName(level).lower()}: {one_line(message)}")
 
     def _event(self, event: Any, run_id: str | None, step: str | None) -> None:
         import dagster as dg
@@ -366,16 +368,16 @@ class _RunEvents(logging.Handler):
                 # Materialized, then a blocking check failed: the figures and the check say it all.
                 self._finished(step, state, time.monotonic() - state.started)
                 return
-            error = _innermost(data.error) if data is not None else None
-            what = _one_line(error.message) if error is not None else _one_line(event.message or "failed")
+            error = root_error(data.error) if data is not None else None
+            what = one_line(error.message) if error is not None else one_line(event.message or "failed")
             session.say(f"  {step:<17}FAILED: {what}  (stack trace in the log)")
         elif kind == dg.DagsterEventType.STEP_SKIPPED and step:
-            session.say(f"  {step:<17}skipped: {_one_line(event.message or 'an upstream step did not pass')}")
+            session.say(f"  {step:<17}skipped: {one_line(event.message or 'an upstream step did not pass')}")
         elif kind == dg.DagsterEventType.ENGINE_EVENT and step and (event.message or "").startswith("Step blocked"):
             session.say(f"  {step:<17}waiting: {event.message[len('Step '):]} (another run holds it)")
         elif kind == dg.DagsterEventType.RUN_FAILURE:
             if run_id not in session._runs_with_failed_steps:  # e.g. a resource or the run itself failed
-                session.say(f"  {'run':<17}FAILED: {_one_line(event.message or '')}")
+                session.say(f"  {'run':<17}FAILED: {one_line(event.message or '')}")
 
     def _finished(self, step: str, state: _Step, seconds: float) -> None:
         checks = {name: figures for name, _, _, figures in state.checks}
@@ -400,21 +402,6 @@ def _fit(text: str, width: int) -> str:
         return text
     cut = text[: width + 1].rsplit(" ", 1)[0]
     return cut if len(cut) <= width else ""
-
-
-def _innermost(error: Any) -> Any:
-    """The user's exception inside Dagster's wrapping (DagsterExecutionStepExecutionError -> its cause)."""
-    while getattr(error, "cause", None) is not None:
-        error = error.cause
-    return error
-
-
-def _one_line(text: str, limit: int = 240) -> str:
-    from distill_pipeline.masking import mask_url
-
-    line = next((part.strip() for part in str(text).splitlines() if part.strip()), "")
-    line = mask_url(line)
-    return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
 def _duration(seconds: float) -> str:

@@ -207,3 +207,19 @@ def test_a_failed_gate_is_not_retrained_on_the_same_rows_a_crash_is_and_both_are
         assert len(list((cfg.home / "alerts").glob("*-*.md"))) == 2
     finally:
         server.shutdown()
+
+
+def test_a_failure_summary_never_carries_a_database_password():
+    from dagster._utils.error import SerializableErrorInfo
+
+    from distill_pipeline import alerts
+
+    cause = SerializableErrorInfo("OperationalError: connection to postgresql://etl:s3cret@db:5432/prod failed\n",
+                                  [], "OperationalError")
+    wrapped = SerializableErrorInfo("DagsterExecutionStepExecutionError: Error occurred\n", [],
+                                    "DagsterExecutionStepExecutionError", cause=cause)
+    line = alerts.error_line(wrapped)
+    assert line.startswith("OperationalError: connection to postgresql://etl:") and "s3cret" not in line
+    summary = alerts.RunFailure(run_id="r" * 32, job="refresh", partition=None, trigger="nightly",
+                                run_error="could not reach postgresql://etl:s3cret@db/prod", failed_steps=[]).text()
+    assert "s3cret" not in summary and "could not reach" in summary

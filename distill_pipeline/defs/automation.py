@@ -91,7 +91,7 @@ def refresh_after_export(context: dg.RunStatusSensorContext, settings: SettingsR
     try:
         active = active_versions(load_prompts(cfg.prompts_dir), cfg.nightly.active_prompt_versions)
     except PromptError as exc:
-        raise ConfigError(str(exc)) from None  # a sensor error shows in the UI and reaches alert_on_failure's log
+        raise ConfigError(str(exc)) from None  # shown as the failed tick of this sensor in the UI
     source_version = current_source_version(context.instance)
     if not active or source_version is None:
         return dg.SkipReason("no prompt version in prompts_dir" if not active else "source_rows has no data version")
@@ -153,14 +153,6 @@ def prompt_versions_sensor(context: dg.SensorEvaluationContext, settings: Settin
     )
 
 
-def _root_error_line(error) -> str:
-    """The first line of the innermost cause: 'RuntimeError: pod evicted', not Dagster's wrapper around it."""
-    while error.cause is not None:
-        error = error.cause
-    first = (error.message.strip().splitlines() or [""])[0]
-    return first if (error.cls_name or "") in first.split(":")[0] else f"{error.cls_name}: {first}"
-
-
 def _failed_checks(instance: dg.DagsterInstance, run_id: str) -> list[tuple[str, dict]]:
     out = []
     for entry in instance.all_logs(run_id, of_type=dg.DagsterEventType.ASSET_CHECK_EVALUATION):
@@ -178,7 +170,7 @@ def alert_on_failure(context: dg.RunFailureSensorContext, settings: SettingsReso
     variable is set, a post to it. A failed gate is a verdict, not an outage: summarised, not posted."""
     cfg = settings.load()
     run = context.dagster_run
-    failures = [(e.step_key or "?", _root_error_line(e.dagster_event.step_failure_data.error))
+    failures = [(e.step_key or "?", alerts.error_line(e.dagster_event.step_failure_data.error))
                 for e in context.instance.all_logs(run.run_id, of_type=dg.DagsterEventType.STEP_FAILURE)
                 if e.dagster_event and e.dagster_event.step_failure_data.error]
     summary = alerts.RunFailure(

@@ -24,7 +24,6 @@ torch, transformers and gguf are imported inside functions: stages are imported 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -32,6 +31,8 @@ import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterator
+
+from distill_pipeline.clients.tracking import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +145,7 @@ def write_gguf(model_dir: Path, out_path: Path, out_type: str = "F16", *, tokeni
         tmp.unlink(missing_ok=True)
         raise
     return GgufInfo(path=out_path, size_bytes=out_path.stat().st_size, out_type=out_type,
-                    sha256=_sha256(out_path), architecture=arch, tensor_count=count,
+                    sha256=file_sha256(out_path), architecture=arch, tensor_count=count,
                     tokenizer_pre=pre, fallback_tensors=tuple(fallback))
 
 
@@ -340,9 +341,4 @@ def _encode(name: str, data: Any, out_type: str, strict: bool) -> tuple[Any, Any
     return qtype, quants.quantize(np.ascontiguousarray(data, dtype=np.float32), qtype)
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+

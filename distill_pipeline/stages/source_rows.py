@@ -39,6 +39,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from distill_pipeline.clients.postgres import ArrowSource, Database, quote_ident, quote_table
+from distill_pipeline.clients.tracking import file_sha256
 from distill_pipeline.config import ConfigError, PipelineConfig, SourceConfig
 
 log = logging.getLogger(__name__)
@@ -188,14 +189,6 @@ def query_fingerprint(source: SourceConfig) -> str:
 def read_manifest(stage_dir: Path) -> dict | None:
     path = stage_dir / MANIFEST
     return json.loads(path.read_text()) if path.exists() else None
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def data_version(files: list[dict]) -> str:
