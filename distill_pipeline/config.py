@@ -186,6 +186,9 @@ class CurateConfig(Section):
     num_perm: int = Field(128, ge=16, le=512)
     lsh_bands: int = Field(16, ge=1)
     workers: int = Field(2, ge=1)
+    # Re-curate only the duplicate clusters that new or changed rows touch (stages/curation_state.py);
+    # false re-curates the whole table every run.
+    incremental: bool = True
 
     @model_validator(mode="after")
     def _bands(self) -> "CurateConfig":

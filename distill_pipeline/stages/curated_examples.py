@@ -57,14 +57,29 @@ class CurateResult:
     quarantine: pa.Table
     counts: dict[str, int]
     seconds: float
+    # What a later incremental run needs (see curation_state): every row that reached the
+    # duplicate steps (id, text_key, cluster_key), and each distinct normalized text once.
+    dedup_rows: pa.Table | None = None
+    groups: pa.Table | None = None
 
 
 def build_curated_examples(cfg: PipelineConfig, prompt_version: str) -> tuple[CurateResult, dict]:
     """The stage: this version's teacher labels curated, written, and described (result, manifest)."""
+    from distill_pipeline.stages import curation_state
     from distill_pipeline.stages.teacher_labels import read_labels
 
-    result = curate_table(read_labels(cfg, prompt_version), cfg)
-    manifest = write_curated(result, cfg.stage_dir("curated_examples", prompt_version), prompt_version)
+    labels = read_labels(cfg, prompt_version)
+    out_dir = cfg.stage_dir("curated_examples", prompt_version)
+    update = curation_state.curate_incrementally(labels, cfg, out_dir, out_dir / EXAMPLES, out_dir / QUARANTINE) \
+        if cfg.curate.incremental else None
+    if update is None:
+        result = curate_table(labels, cfg)
+        facts, state = {"mode": "full"}, curation_state.state_of_full_run(cfg, labels, result)
+    else:
+        result, facts, state = update
+    curation_state.forget_state(out_dir)
+    manifest = write_curated(result, out_dir, prompt_version, facts)
+    curation_state.write_state(out_dir, cfg, *state)
     return result, manifest
 
 
@@ -193,8 +208,13 @@ def _check_confidence_filter(reasons: list, confidence: np.ndarray, threshold: f
             "Set curate.confidence_scale / curate.min_confidence to fit your column, or curate.filter_confidence: false")
 
 
-def curate_table(table: pa.Table, cfg: PipelineConfig) -> CurateResult:
-    """Curate rows with columns id, input, output, confidence, created_at (+ status, error from teacher_labels)."""
+def curate_table(table: pa.Table, cfg: PipelineConfig,
+                 confidence_filter: tuple[str, float | None] | None = None) -> CurateResult:
+    """Curate rows with columns id, input, output, confidence, created_at (+ status, error from teacher_labels).
+
+    `confidence_filter` (scale, threshold) replaces the one inferred from the rows: an incremental run
+    curates a few rows with the filter the whole table got.
+    """
     started = time.perf_counter()
     c = cfg.curate
     n = table.num_rows
@@ -208,7 +228,7 @@ def curate_table(table: pa.Table, cfg: PipelineConfig) -> CurateResult:
         .to_numpy(zero_copy_only=False)
 
     reasons = _input_reasons(inputs, decode_errors, c, _label_reasons(table))
-    scale, threshold = confidence_threshold(c, confidence)
+    scale, threshold = confidence_filter or confidence_threshold(c, confidence)
     targets: list[str | None] = [None] * n
     parsed_short: dict[str, object] = {}
     labels: list[str | None] = [None] * n
@@ -275,6 +295,8 @@ def curate_table(table: pa.Table, cfg: PipelineConfig) -> CurateResult:
         best = chain_earliest.setdefault(int(root), g)
         if group_earliest[g] < group_earliest[best]:
             chain_earliest[int(root)] = g
+    # the chain's earliest row names the cluster: later arrivals do not rename it
+    group_keys = [text_key(group_texts[chain_earliest[int(root)]]) for root in chain]
     kept_clusters: dict[int, list[int]] = {}
     for g, k in enumerate(keeper_of):
         kept_clusters.setdefault(int(k), []).append(g)
@@ -284,8 +306,7 @@ def curate_table(table: pa.Table, cfg: PipelineConfig) -> CurateResult:
     for k, members in kept_clusters.items():
         keeper = groups[k][0]  # k is its cluster's smallest index: the best group, best row first
         keep_rows.append(keeper)
-        # the chain's earliest row names the cluster: later arrivals do not rename it
-        key = text_key(group_texts[chain_earliest[int(chain[k])]])
+        key = group_keys[k]
         keep_keys.append(key)
         keep_dups.append(sum(len(groups[g]) for g in members) - 1)
         for g in members:
@@ -294,6 +315,30 @@ def curate_table(table: pa.Table, cfg: PipelineConfig) -> CurateResult:
                     code = "exact_duplicate" if g == k else "near_duplicate"
                     reasons[row] = (code, f"duplicate of id {ids[keeper]}")
                     dropped_key[row] = key
+
+    dedup_ids, dedup_groups = [], []
+    for g, rows in enumerate(groups):
+        dedup_ids.extend(ids[r] for r in rows)
+        dedup_groups.extend([g] * len(rows))
+    group_text_keys = [text_key(t) for t in group_texts]
+    dedup_rows = pa.table({"id": pa.array(dedup_ids, pa.string()),
+                           "text_key": pa.array([group_text_keys[g] for g in dedup_groups], pa.string()),
+                           "cluster_key": pa.array([group_keys[g] for g in dedup_groups], pa.string())})
+    best = np.array([rows[0] for rows in groups], dtype=np.int64)
+    group_table = pa.table({
+        "text_key": pa.array(group_text_keys, pa.string()), "text": pa.array(group_texts, pa.string()),
+        "cluster_key": pa.array(group_keys, pa.string()),
+        "keeper_id": pa.array([ids[groups[int(k)][0]] for k in keeper_of], pa.string()),
+        "is_keeper": pa.array(keeper_of == np.arange(len(groups)), pa.bool_()),
+        "is_lead": pa.array(chain == np.arange(len(groups)), pa.bool_()),  # the best group of its chain
+        # the group's best row, in the best-first order (confidence, then earliest, then id)
+        "best_confidence": pa.array(conf_rank[best] if len(best) else [], pa.float64()),
+        "best_created": pa.array(created[best] if len(best) else [], pa.int64()),
+        "best_id": pa.array([ids[r] for r in best], pa.string()),
+        # its earliest row: the chain's earliest group names the chain
+        "first_created": pa.array([e[0] for e in group_earliest], pa.int64()),
+        "first_id": pa.array([e[1] for e in group_earliest], pa.string()),
+    })
 
     keep_order = np.argsort(np.array(keep_rows, dtype=np.int64), kind="stable")
     keep_idx = np.array(keep_rows, dtype=np.int64)[keep_order]
@@ -326,11 +371,11 @@ def curate_table(table: pa.Table, cfg: PipelineConfig) -> CurateResult:
                "confidence_scale": scale, "min_confidence": threshold,
                "rows_without_confidence": int(np.isnan(confidence).sum())}
     summary["kept_skip"] = sum(1 for i in keep_idx if labels[i] == "skip")
-    return CurateResult(examples, quarantine, summary, time.perf_counter() - started)
+    return CurateResult(examples, quarantine, summary, time.perf_counter() - started, dedup_rows, group_table)
 
 
-def write_curated(result: CurateResult, out_dir: Path, prompt_version: str) -> dict:
-    """Write examples, quarantine and a manifest; returns the manifest."""
+def write_curated(result: CurateResult, out_dir: Path, prompt_version: str, facts: dict | None = None) -> dict:
+    """Write examples, quarantine and a manifest (with `facts`: how the run went); returns the manifest."""
     out_dir.mkdir(parents=True, exist_ok=True)
     pq.write_table(result.examples, out_dir / EXAMPLES)
     pq.write_table(result.quarantine, out_dir / QUARANTINE)
@@ -342,6 +387,7 @@ def write_curated(result: CurateResult, out_dir: Path, prompt_version: str) -> d
         "duplicate_rate": round((result.counts.get("dropped_exact_duplicate", 0)
                                  + result.counts.get("dropped_near_duplicate", 0)) / max(result.counts["rows_in"], 1), 4),
         "seconds": round(result.seconds, 3),
+        **(facts or {}),
         "examples_path": str(out_dir / EXAMPLES),
         "quarantine_path": str(out_dir / QUARANTINE),
     }

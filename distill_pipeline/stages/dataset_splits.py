@@ -25,6 +25,7 @@ import pyarrow.parquet as pq
 
 from distill_pipeline.clients.tracking import file_sha256
 from distill_pipeline.config import CurateConfig, PipelineConfig, SplitConfig
+from distill_pipeline.stages import split_state
 
 SPLITS = ("train", "val", "test")
 HF_NAMES = {"train": "train", "val": "validation", "test": "test"}
@@ -99,8 +100,8 @@ def assign_splits(examples: pa.Table, cfg: SplitConfig, previous: dict[str, str]
     return result
 
 
-def _near_duplicate_pairs(inputs: pa.Array, ids: pa.Array, curate: CurateConfig) -> list[tuple[int, int, float]]:
-    """Verified near-duplicate pairs among `inputs`, as indices into them.
+def _near_duplicate_pairs(texts: pa.Array, ids: pa.Array, curate: CurateConfig) -> list[tuple[int, int, float]]:
+    """Verified near-duplicate pairs among the normalized `texts`, as indices into them.
 
     The leakage check finds every pair exactly (stages/checks.py), so the detector runs here at far
     higher recall than curation's: 4 rows per band (a pair at J = 0.8 is missed with probability
@@ -108,19 +109,23 @@ def _near_duplicate_pairs(inputs: pa.Array, ids: pa.Array, curate: CurateConfig)
     shortcuts depend on the order of the texts, so they come in one canonical order (normalized text,
     then id) and the result is a function of the examples alone.
     """
-    from distill_pipeline.stages.curated_examples import normalize
     from distill_pipeline.stages.dedup import find_near_duplicates
 
-    if len(inputs) == 0:
+    if len(texts) == 0:
         return []
-    texts = normalize(inputs)
     order = pc.sort_indices(pa.table({"text": texts, "id": pc.cast(ids, pa.string())}),
                             sort_keys=[("text", "ascending"), ("id", "ascending")]).to_numpy()
-    found = find_near_duplicates(texts.take(order), threshold=curate.near_duplicate_threshold,
-                                 shingle_size=curate.shingle_size, num_perm=curate.num_perm,
-                                 bands=curate.num_perm // 4, workers=curate.workers, prefilter_sigmas=None,
-                                 max_bucket_pairs=256, bucket_window=8)
+    p = split_state.split_params(curate)
+    found = find_near_duplicates(texts.take(order), threshold=p.threshold, shingle_size=p.shingle_size,
+                                 num_perm=p.num_perm, bands=p.bands, workers=p.workers,
+                                 prefilter_sigmas=p.prefilter_sigmas, max_bucket_pairs=256, bucket_window=8)
     return [(int(order[i]), int(order[j]), float(sim)) for (i, j), sim in zip(found.pairs, found.similarity)]
+
+
+def normalized_inputs(examples: pa.Table) -> pa.Array:
+    from distill_pipeline.stages.curated_examples import normalize
+
+    return normalize(examples.column("input").combine_chunks())
 
 
 def leakage_units(examples: pa.Table, curate: CurateConfig) -> dict[str, str]:
@@ -130,19 +135,9 @@ def leakage_units(examples: pa.Table, curate: CurateConfig) -> dict[str, str]:
     buckets; among the kept examples alone a pair can surface that joins two of its
     clusters. Such clusters are merged here, so the leakage check cannot find them apart.
     """
-    keys = examples.column("cluster_key").to_pylist()
-    parent: dict[str, str] = {}  # merged key -> a smaller key; roots are never keys here
-
-    def root(k: str) -> str:
-        while k in parent:
-            k = parent[k]
-        return k
-
-    for i, j, _ in _near_duplicate_pairs(examples.column("input"), examples.column("id"), curate):
-        a, b = root(keys[i]), root(keys[j])
-        if a != b:
-            parent[max(a, b)] = min(a, b)
-    return {k: root(k) for k in parent}
+    ids = pc.cast(examples.column("id"), pa.string()).to_pylist()
+    pairs = _near_duplicate_pairs(normalized_inputs(examples), examples.column("id"), curate)
+    return split_state.units_from_pairs(examples, [(ids[i], ids[j]) for i, j, _ in pairs])
 
 
 def load_assignments(out_dir: Path) -> dict[str, str]:
@@ -171,13 +166,22 @@ def write_splits(examples: pa.Table, cfg: SplitConfig, out_dir: Path, prompt_ver
     disable_progress_bar()
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    units = leakage_units(examples, curate)
+    texts = normalized_inputs(examples)
+    update = split_state.update(examples, texts, out_dir, curate) if curate.incremental else None
+    if update is None:
+        pairs = _near_duplicate_pairs(texts, examples.column("id"), curate)
+        index, facts = split_state.full_index(examples, texts, pairs, curate), {"mode": "full"}
+    else:
+        index, checked = update
+        facts = {"mode": "incremental", "pairs_checked": checked}
+    units = split_state.units_from_pairs(examples, index.pairs)
+    split_state.forget(out_dir)
     assignment = assign_splits(examples, cfg, load_assignments(out_dir), units)
     split_col = pa.array([assignment[k] for k in examples.column("cluster_key").to_pylist()], pa.string())
     columns = ["id", "input", "target", "label", "cluster_key", "confidence"]
     table = examples.select(columns).append_column("split", split_col)
     manifest = {"prompt_version": prompt_version, "splits": {}, "salt": cfg.salt,
-                "clusters_merged_for_leakage": len(units)}
+                "clusters_merged_for_leakage": len(units), **facts}
     parts = {}
     for name in SPLITS:
         part = table.filter(pc.equal(table.column("split"), name)).drop_columns(["split"])
@@ -191,6 +195,7 @@ def write_splits(examples: pa.Table, cfg: SplitConfig, out_dir: Path, prompt_ver
     pq.write_table(pa.table({"cluster_key": keys, "split": [assignment[k] for k in keys]}), out_dir / ASSIGNMENTS)
     manifest["label_shares"] = label_shares(table.column("label").to_pylist())
     (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    split_state.save(out_dir, index, curate)
     return manifest
 
 
