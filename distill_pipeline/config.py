@@ -589,6 +589,11 @@ class NightlyConfig(Section):
     # it stays valid when the file is edited) or a full partition key. Empty: the newest file only (the last
     # in natural order of file names, so v10 comes after v9). Older versions are rebuilt only when asked.
     active_prompt_versions: tuple[str, ...] = ()
+    # The student (student_adapter, eval_report, gguf_model) is retrained on a night only when the source has
+    # grown by at least this share since the rows its current adapter was trained from; on the other nights
+    # the data stages alone are refreshed, and their new rows wait for the next retrain. 0: retrain every
+    # night that brings new rows. A new prompt version always trains.
+    retrain_min_new_rows_share: float = Field(0.05, ge=0, le=10)
 
     @field_validator("timezone")
     @classmethod

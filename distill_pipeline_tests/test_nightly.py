@@ -89,12 +89,12 @@ def _sensor_after(sensor, result, instance, defs, *, failure=False):
     return sensor(context.for_run_failure() if failure else context)
 
 
-def _add_rows(db: Database, table: str, n: int) -> None:
+def _add_rows(db: Database, table: str, n: int, offset: int = 100000) -> None:
     """n new rows, created now (after the watermark), as a night's worth of new teacher outputs."""
     with db.connect() as conn:
         conn.execute(f"INSERT INTO {table} (id, sentence, teacher_output, confidence, prompt_version, created_at) "
-                     f"SELECT id + 100000, sentence || ' (restated)', teacher_output, confidence, prompt_version, now() "
-                     f"FROM {table} ORDER BY id LIMIT {n}")
+                     f"SELECT id + {offset}, sentence || ' (restated {offset})', teacher_output, confidence, "
+                     f"prompt_version, now() FROM {table} WHERE id < 100000 ORDER BY id LIMIT {n}")
         conn.commit()
 
 
@@ -110,7 +110,8 @@ def test_a_night_refreshes_only_the_active_version_and_a_night_without_new_rows_
     requests = result.run_requests
     assert [r.partition_key for r in requests] == [v2]  # the newest prompt file only: v1 is not retrained
     assert requests[0].tags == {automation.TRIGGER_TAG: "nightly", automation.PROMPT_VERSION_TAG: v2,
-                                automation.SOURCE_VERSION_TAG: version_1}
+                                automation.SOURCE_VERSION_TAG: version_1, automation.RETRAIN_TAG: "yes"}
+    assert requests[0].asset_selection is None  # a new version: the whole chain
     assert result.dynamic_partitions_requests[0].partition_keys == [v2]
     instance.add_dynamic_partitions(prompt_versions.name, [v2])
     # The requested run, as the daemon would launch it (the data half: training is the same chain, longer).
@@ -144,6 +145,37 @@ def test_a_night_refreshes_only_the_active_version_and_a_night_without_new_rows_
     finally:
         del os.environ["DISTILL__NIGHTLY__ACTIVE_PROMPT_VERSIONS"]
     assert sorted(r.partition_key for r in both.run_requests) == sorted([v1, v2])
+
+
+def test_a_night_of_few_new_rows_refreshes_the_data_incrementally_and_retrains_later(night):
+    cfg, db, defs, instance = night
+    v2 = demo_prompt_keys(cfg.prompts_dir)[1]
+    sensor = defs.resolve_sensor_def("refresh_after_export")
+    instance.add_dynamic_partitions(prompt_versions.name, [v2])
+    assert _materialize(defs, instance, ["source_rows"]).success
+    assert _materialize(defs, instance, list(automation.DATA_ASSETS), v2).success
+    # the student of v2 was trained from these 400 rows
+    instance.report_runless_asset_event(dg.AssetMaterialization(
+        asset_key="student_adapter", partition=v2, metadata={"source_rows_total": 400}))
+
+    _add_rows(db, cfg.source.table, 4)  # 1% new rows
+    night_1 = _materialize(defs, instance, ["source_rows"], tags={automation.TRIGGER_TAG: "nightly"})
+    request = _sensor_after(sensor, night_1, instance, defs).run_requests[0]
+    assert request.asset_selection == [dg.AssetKey(a) for a in automation.DATA_ASSETS]
+    assert request.tags[automation.RETRAIN_TAG].startswith("not yet")
+    reason = automation.retrain_decision(instance, v2, cfg.nightly.retrain_min_new_rows_share)
+    assert "grew 1.00%" in reason and "nightly.retrain_min_new_rows_share=0.05" in reason
+    # the daemon runs what was requested: the data stages, each judging only the new rows
+    assert _materialize(defs, instance, list(automation.DATA_ASSETS), v2, tags=request.tags).success
+    curated = json.loads((cfg.stage_dir("curated_examples", v2) / "manifest.json").read_text())
+    splits = json.loads((cfg.stage_dir("dataset_splits", v2) / "manifest.json").read_text())
+    assert curated["mode"] == "incremental" and curated["rows_new_or_changed"] == 4
+    assert splits["mode"] == "incremental"
+
+    _add_rows(db, cfg.source.table, 20, offset=200000)  # 6% since the adapter: retrain
+    night_2 = _materialize(defs, instance, ["source_rows"], tags={automation.TRIGGER_TAG: "nightly"})
+    request = _sensor_after(sensor, night_2, instance, defs).run_requests[0]
+    assert request.asset_selection is None and request.tags[automation.RETRAIN_TAG] == "yes"
 
 
 @dg.asset(partitions_def=prompt_versions, check_specs=[dg.AssetCheckSpec("bar", asset="student_verdict", blocking=True)])

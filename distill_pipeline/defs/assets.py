@@ -122,9 +122,11 @@ def dataset_splits(context: dg.AssetExecutionContext, settings: SettingsResource
 )
 def student_adapter(context: dg.AssetExecutionContext, settings: SettingsResource, compute: ComputeResource,
                     mlflow: MlflowResource) -> dg.MaterializeResult:
+    from distill_pipeline.stages.source_rows import read_manifest
     from distill_pipeline.stages.student_adapter import build_student_adapter
 
     cfg, experiments = settings.load(), mlflow.store()
+    exported = read_manifest(cfg.stage_dir("source_rows")) or {}
     result = build_student_adapter(
         cfg, context.partition_key, config_file=settings.path(), experiments=experiments,
         compute=compute.bound(context, tracking_uri=experiments.tracking_uri), logger=context.log,
@@ -136,7 +138,9 @@ def student_adapter(context: dg.AssetExecutionContext, settings: SettingsResourc
             "reused": result.reused, "mlflow_run_id": result.mlflow_run_id, "mlflow_run": result.mlflow_run,
             "adapter_path": result.adapter_dir, "adapter_sha256": result.adapter_sha256,
             "train_sha256": result.data["train"]["sha256"][:16], "val_sha256": result.data["val"]["sha256"][:16],
-            "compute": result.compute}),
+            "compute": result.compute,
+            # the nightly refresh retrains once the source has grown enough past this (nightly.retrain_min_new_rows_share)
+            "source_rows_total": exported.get("rows")}),
         data_version=dg.DataVersion(result.adapter_sha256[:16]))
 
 

@@ -4,6 +4,8 @@
 - sensor `refresh_after_export`: after a successful export, one run per *active* prompt version
   (config nightly.active_prompt_versions; default the newest) for everything downstream of source_rows,
   skipped for a version already built from exactly these rows (a night without new rows pays nothing);
+  the student is retrained only once the source has grown by nightly.retrain_min_new_rows_share since its
+  adapter was trained, else the run refreshes the data stages only (a night of 1% new rows pays for 1%);
 - sensor `prompt_versions_sensor`: a new prompt file -> a partition and its backfill;
 - sensor `alert_on_failure`: a failed run -> a summary file under <home>/alerts (and a webhook post).
 
@@ -25,6 +27,8 @@ from distill_pipeline.stages.prompts import PROMPT_SUFFIXES, PromptError, active
 TRIGGER_TAG = "distill/trigger"
 SOURCE_VERSION_TAG = "distill/source_data_version"
 PROMPT_VERSION_TAG = "distill/prompt_version"
+RETRAIN_TAG = "distill/retrain"  # "yes", or why not
+DATA_ASSETS = ("teacher_labels", "curated_examples", "dataset_splits")
 
 # A run cannot mix the unpartitioned export with the prompt-version partitions, so the night is two
 # steps: the schedule exports; when that run succeeds, a run status sensor requests one run per
@@ -83,6 +87,29 @@ def refresh_decision(instance: dg.DagsterInstance, partition: str, source_versio
     return None  # failed or cancelled for another reason: try again
 
 
+def _latest_metadata(instance: dg.DagsterInstance, asset: str, partition: str | None = None) -> dict | None:
+    records = instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=dg.AssetKey(asset), asset_partitions=[partition] if partition else None),
+        limit=1).records
+    if not records:
+        return None
+    return {k: getattr(v, "value", v) for k, v in records[0].asset_materialization.metadata.items()}
+
+
+def retrain_decision(instance: dg.DagsterInstance, partition: str, min_new_share: float) -> str | None:
+    """None when tonight's refresh of `partition` retrains the student; else why not (one line)."""
+    exported = _latest_metadata(instance, "source_rows") or {}
+    adapter = _latest_metadata(instance, "student_adapter", partition)
+    rows_now, rows_then = exported.get("rows_total"), (adapter or {}).get("source_rows_total")
+    if adapter is None or rows_now is None or not rows_then:
+        return None  # no student yet, or nothing to compare with
+    grown = (rows_now - rows_then) / rows_then
+    if grown >= min_new_share:
+        return None
+    return (f"{partition}: the source grew {grown:.2%} since its adapter was trained ({rows_then:,} -> {rows_now:,} "
+            f"rows) < nightly.retrain_min_new_rows_share={min_new_share:g}: data stages only")
+
+
 @dg.run_status_sensor(run_status=dg.DagsterRunStatus.SUCCESS, monitored_jobs=[export_job],
                       request_job=refresh_job, name="refresh_after_export")
 def refresh_after_export(context: dg.RunStatusSensorContext, settings: SettingsResource):
@@ -105,11 +132,19 @@ def refresh_after_export(context: dg.RunStatusSensorContext, settings: SettingsR
         return dg.SkipReason("; ".join(skipped))
     known = set(context.instance.get_dynamic_partitions(prompt_versions.name))
     trigger = context.dagster_run.tags.get(TRIGGER_TAG, "manual")
+    requests = []
+    for key in todo:
+        wait = retrain_decision(context.instance, key, cfg.nightly.retrain_min_new_rows_share) if key in known else None
+        if wait:
+            context.log.info(f"not retrained: {wait}")
+        requests.append(dg.RunRequest(
+            run_key=f"{context.dagster_run.run_id}:{key}", partition_key=key,
+            asset_selection=[dg.AssetKey(a) for a in DATA_ASSETS] if wait else None,
+            tags={TRIGGER_TAG: trigger, PROMPT_VERSION_TAG: key, SOURCE_VERSION_TAG: source_version,
+                  RETRAIN_TAG: "yes" if wait is None else "not yet: source grew too little"}))
     return dg.SensorResult(
         dynamic_partitions_requests=[prompt_versions.build_add_request([k for k in todo if k not in known])],
-        run_requests=[dg.RunRequest(run_key=f"{context.dagster_run.run_id}:{key}", partition_key=key,
-                                    tags={TRIGGER_TAG: trigger, PROMPT_VERSION_TAG: key,
-                                          SOURCE_VERSION_TAG: source_version}) for key in todo],
+        run_requests=requests,
     )
 
 
