@@ -74,6 +74,8 @@ def curated_examples(context: dg.AssetExecutionContext, settings: SettingsResour
     result, manifest = build_curated_examples(cfg, context.partition_key)
     yield dg.MaterializeResult(metadata=as_metadata({
         **result.counts, "duplicate_rate": manifest["duplicate_rate"], "labels": manifest["labels"],
+        # full, or incremental: how many rows were new or changed and how many had to be judged again
+        **{k: v for k, v in manifest.items() if k == "mode" or k.startswith(("rows_", "chains_", "clusters_"))},
         "duration_s": round(result.seconds, 3), "examples_path": manifest["examples_path"],
         "quarantine_path": manifest["quarantine_path"]}))
     checked, bad, shown = checks.targets_violating_schema(cfg.task, manifest["examples_path"])
@@ -100,6 +102,7 @@ def dataset_splits(context: dg.AssetExecutionContext, settings: SettingsResource
         **{f"{name}_rows": info["rows"] for name, info in splits.items()},
         **{f"{name}_sha256": info["sha256"][:16] for name, info in splits.items()},
         "label_shares": manifest["label_shares"], "clusters_merged_for_leakage": manifest["clusters_merged_for_leakage"],
+        "mode": manifest["mode"], "pairs_checked": manifest.get("pairs_checked"),
         "path": cfg.stage_dir("dataset_splits", context.partition_key)}))
     parts = read_splits(cfg.stage_dir("dataset_splits", context.partition_key))
     leak_ok, leak = checks.check_leakage(parts, cfg.curate.near_duplicate_threshold, cfg.curate.shingle_size)

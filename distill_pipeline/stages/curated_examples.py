@@ -14,6 +14,9 @@ are ordinary examples and are kept.
 The cluster key (used for sticky, leakage-free splits) is a hash of the normalized
 input of the earliest row of the whole chain cluster (near duplicates of near
 duplicates), so it does not change when later duplicates arrive.
+
+A later run with few new or changed rows curates only those and the clusters they
+touch (stages/curation_state.py; curate.incremental).
 """
 
 from __future__ import annotations

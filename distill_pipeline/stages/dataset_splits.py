@@ -10,6 +10,8 @@
   "skip"), the gap between each split's target share and what it already holds;
   within a stratum new clusters are ordered by a stable hash of salt + key, so
   the result is a pure function of (previous assignments, current data).
+- Incremental: a later run looks up only its new examples for leakage pairs
+  (stages/split_state.py); the assignment itself is cheap and runs over all.
 """
 
 from __future__ import annotations
