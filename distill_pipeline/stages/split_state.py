@@ -1,15 +1,16 @@
 """Incremental leakage units: a night's new examples are compared with the stored ones only.
 
 Next to the splits, dataset_splits keeps (state/ under its stage directory):
-  index.arrow    every example it assigned: id, a hash of its input, and the MinHash band keys of
-                 its normalized input at the split stage's recall (4 rows per band, see
+  index.arrow    every example it assigned: id, a hash of its input, its cluster_key, and the MinHash
+                 band keys of its normalized input at the split stage's recall (4 rows per band, see
                  dataset_splits._near_duplicate_pairs)
   pairs.arrow    the verified near-duplicate pairs (id_a, id_b) found among the examples
   settings.json  the near-duplicate settings the index was built with
 
 A later run looks up the new examples (and the neighbours of examples that are gone, whose links
-may have run through them) in the stored band keys, verifies the candidates exactly, and adds the
-pairs that pass. The units are the clusters those pairs join, as in a full run.
+may have run through them, and the examples whose cluster curation renamed, whose pairs may now join
+two clusters) in the stored band keys, verifies the candidates exactly, and adds the pairs that pass.
+The units are the clusters those pairs join, as in a full run.
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ class Index:
     """What the next run needs, aligned with the examples of this one."""
     ids: pa.Array
     hashes: np.ndarray
+    cluster_keys: pa.Array
     signatures: text_index.Signatures
     pairs: np.ndarray  # (m, 2) object array of example ids
 
@@ -68,7 +70,7 @@ def full_index(examples: pa.Table, texts: pa.Array, pairs: list[tuple[int, int, 
     ids = pc.cast(examples.column("id"), pa.string()).combine_chunks()
     sig = text_index.signatures(texts, split_params(curate), sketches=False)
     id_list = ids.to_pylist()
-    return Index(ids, input_hashes(examples), sig,
+    return Index(ids, input_hashes(examples), examples.column("cluster_key").combine_chunks(), sig,
                  np.array([(id_list[i], id_list[j]) for i, j, _ in pairs], dtype=object).reshape(-1, 2))
 
 
@@ -95,8 +97,8 @@ def save(out_dir: Path, index: Index, curate: CurateConfig) -> None:
     base = out_dir / STATE_DIR
     base.mkdir(parents=True, exist_ok=True)
     forget(out_dir)
-    text_index.write(base / INDEX, {"id": index.ids, "input_hash": pa.array(index.hashes, pa.uint64())},
-                     index.signatures)
+    text_index.write(base / INDEX, {"id": index.ids, "input_hash": pa.array(index.hashes, pa.uint64()),
+                                    "cluster_key": index.cluster_keys}, index.signatures)
     text_index.write(base / PAIRS, {"id_a": pa.array(index.pairs[:, 0].tolist(), pa.string()),
                                     "id_b": pa.array(index.pairs[:, 1].tolist(), pa.string())}, None)
     (base / SETTINGS).write_text(json.dumps({"digest": settings_digest(curate)}))
@@ -128,7 +130,12 @@ def update(examples: pa.Table, texts: pa.Array, out_dir: Path, curate: CurateCon
     unchanged = {id_list[i] for i in np.flatnonzero(same)}
     keep = np.array([a in unchanged and b in unchanged for a, b in edges], bool) if len(edges) else np.zeros(0, bool)
     broken = {x for pair in edges[~keep] for x in pair if x in unchanged}
-    query = ~same
+    renamed = np.zeros(len(ids), bool)
+    if "cluster_key" in index.column_names:
+        stored_keys = index.column("cluster_key").combine_chunks().take(pa.array(stored_at))
+        renamed[found] = pc.not_equal(stored_keys, examples.column("cluster_key").combine_chunks()
+                                      .filter(pa.array(found))).fill_null(True).to_numpy(zero_copy_only=False)
+    query = ~same | renamed
     if broken:
         query |= pc.is_in(ids, value_set=pa.array(sorted(broken), pa.string())).to_numpy(zero_copy_only=False)
     if query.sum() > MAX_INCREMENTAL_SHARE * max(len(ids), 1):
@@ -149,7 +156,8 @@ def update(examples: pa.Table, texts: pa.Array, out_dir: Path, curate: CurateCon
     checked = len(pairs)
     found_pairs, _ = text_index.similar_pairs(texts, texts, pairs, params)
     new_edges = np.array([(id_list[i], id_list[j]) for i, j in found_pairs], dtype=object).reshape(-1, 2)
-    return Index(ids, hashes, sig, np.concatenate([edges[keep], new_edges])), checked
+    return Index(ids, hashes, examples.column("cluster_key").combine_chunks(), sig,
+                 np.concatenate([edges[keep], new_edges])), checked
 
 
 def units_from_pairs(examples: pa.Table, pairs: np.ndarray) -> dict[str, str]:
