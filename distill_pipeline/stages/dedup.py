@@ -37,6 +37,7 @@ Everything is numpy over the Arrow string buffers, never a Python loop per text:
 from __future__ import annotations
 
 import math
+import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -221,24 +222,112 @@ def _poly_step(acc: np.ndarray, char: np.ndarray) -> np.ndarray:
     return acc
 
 
+def _mix_into(h: np.ndarray, tmp: np.ndarray) -> np.ndarray:
+    """`_mix` in place with a scratch array of h's size (no temporaries)."""
+    for mult in (_M1, _M2, None):
+        np.right_shift(h, _U64(33), out=tmp)
+        h ^= tmp
+        if mult is not None:
+            h *= mult
+    return h
+
+
+# POLY^j, and sum_{j<k} POLY^j (mod 2^64): a window's hash is sum_j (char_j + 1) * POLY^(k-1-j), the
+# fold acc * POLY + (char + 1) unrolled, with the +1s added once as that sum
+_POW = [1]
+for _ in range(16):
+    _POW.append(_POW[-1] * int(_POLY) % (1 << 64))
+_ONES = [_U64(sum(_POW[:k]) % (1 << 64)) for k in range(17)]
+_POW = [_U64(x) for x in _POW]
+
+
+def _chunk_chars(arr: pa.Array, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+    """Chars of texts [start, stop) and their char offsets: ASCII as the UTF-8 bytes themselves (no copy)."""
+    _, off_buf, data_buf = arr.buffers()
+    width = np.int64 if pa.types.is_large_string(arr.type) else np.int32
+    boff = np.frombuffer(off_buf, dtype=width, count=stop - start + 1,
+                         offset=(arr.offset + start) * np.dtype(width).itemsize).astype(np.int64)
+    data = np.frombuffer(data_buf, dtype=np.uint8) if data_buf is not None else np.zeros(0, np.uint8)
+    raw = data[boff[0]: boff[-1]]
+    boff -= boff[0]
+    if raw.size == 0 or int(raw.max()) < 0x80:
+        return raw, boff
+    return _codepoints(raw, boff)
+
+
+def _not_shingles(coff: np.ndarray, lengths: np.ndarray, k: int, w: int) -> np.ndarray:
+    """Window starts (< w) that are not a shingle of their text: the last k-1 of a long text, all of a short one."""
+    short = lengths < k
+    ends = coff[1:][~short]
+    parts = [ends - j for j in range(1, k)]
+    sidx = np.flatnonzero(short)
+    if sidx.size:
+        parts += [coff[sidx[lengths[sidx] > j]] + j for j in range(k - 1)]
+    pos = np.concatenate(parts) if parts else np.zeros(0, np.int64)
+    return pos[pos < w]
+
+
+def _short_values(chars: np.ndarray, coff: np.ndarray, idx: np.ndarray, k: int, step, first, dtype) -> np.ndarray:
+    """The one shingle of each short text idx: its chars folded by `step`, then step(acc, 0) per missing one."""
+    lengths = coff[idx + 1] - coff[idx]
+    acc = None
+    for j in range(k):
+        has = lengths > j
+        char = np.zeros(idx.size, dtype)
+        char[has] = first(chars[coff[idx[has]] + j])
+        acc = char if acc is None else step(acc, char)
+    return acc
+
+
 def _signature_chunk(arr: pa.Array, start: int, stop: int, p: Params) -> tuple[np.ndarray, np.ndarray]:
-    """Band keys (n, bands) uint64 and packed 4-bit sketches (n, num_perm) uint8 for texts [start, stop)."""
-    n, K = stop - start, p.num_perm
-    cp, coff = _texts_codepoints(arr, start, stop)
-    h, counts = _combine(cp.astype(np.uint64) + _U64(1), coff, p.shingle_size, _poly_step)
-    h = _mix(h ^ _SEED)
-    index = np.int32 if n * _SKETCHES * K < 2 ** 31 else np.int64
-    base = np.repeat(np.arange(0, n * _SKETCHES * K, _SKETCHES * K, dtype=index), counts)
-    sig = np.full(n * _SKETCHES * K, _EMPTY, np.uint32)
+    """Band keys (n, bands) uint64 and packed 4-bit sketches (n, num_perm) uint8 for texts [start, stop).
+
+    Every window of k chars is hashed where it lies (one pass per char of the window, no shingle
+    array compacted out of them); windows that are not a shingle of their text feed a trash row.
+    """
+    n, K, k = stop - start, p.num_perm, p.shingle_size
+    chars, coff = _chunk_chars(arr, start, stop)
+    lengths = np.diff(coff)
+    w = max(chars.size - k + 1, 0)
+    row = _SKETCHES * K
+    index = np.int32 if (n + 1) * row < 2 ** 31 else np.int64
+    h = np.multiply(chars[:w], _POW[k - 1], dtype=np.uint64)
+    tmp = np.empty(w, np.uint64)
+    for j in range(1, k - 1):
+        np.multiply(chars[j: j + w], _POW[k - 1 - j], out=tmp, dtype=np.uint64)
+        h += tmp
+    if k > 1:
+        np.add(h, chars[k - 1: k - 1 + w], out=h, dtype=np.uint64)
+    h += _ONES[k]
+    h ^= _SEED
+    _mix_into(h, tmp)
+    del tmp
     # two sketches from the two 32-bit halves of the hash: 16 bits pick the bin, 16 the value
-    for s, half in enumerate(((h >> _U64(32)).astype(np.uint32), h.astype(np.uint32))):
-        slot = ((half >> np.uint32(16)) * np.uint32(K)) >> np.uint32(16)
-        slot = slot.astype(index)
-        slot += base
-        if s:
-            slot += K
-        np.minimum.at(sig, slot, half & np.uint32(0xFFFF))
-    sig = sig.reshape(n * _SKETCHES, K)
+    halves = h.view(np.uint32).reshape(w, 2)
+    high, low = (1, 0) if sys.byteorder == "little" else (0, 1)
+    if K > 1 and K & (K - 1) == 0:  # (x >> 16) * K >> 16 is a shift
+        slot = halves >> np.uint32(33 - K.bit_length())
+    else:
+        slot = ((halves >> np.uint32(16)) * np.uint32(K)) >> np.uint32(16)
+    slot = slot.view(np.int32) if index is np.int32 else slot.astype(index)
+    slot[:, low] += K
+    base = np.repeat(np.arange(0, n * row, row, dtype=index), lengths)[:w]
+    base[_not_shingles(coff, lengths, k, w)] = n * row  # the trash row
+    slot += base[:, None]
+    del base
+    halves &= np.uint32(0xFFFF)
+    sig = np.full((n + 1) * row, _EMPTY, np.uint32)
+    np.minimum.at(sig, slot.reshape(-1), halves.reshape(-1))
+    del slot, halves, h
+    short = np.flatnonzero(lengths < k)
+    if short.size:  # a text shorter than k is one shingle
+        sh = _short_values(chars, coff, short, k, _poly_step, lambda c: c.astype(np.uint64) + _U64(1), np.uint64)
+        sh = _mix(sh ^ _SEED)
+        for s, half in enumerate(((sh >> _U64(32)).astype(np.uint32), sh.astype(np.uint32))):
+            at = (((half >> np.uint32(16)) * np.uint32(K)) >> np.uint32(16)).astype(index)
+            at += (short * row + s * K).astype(index)
+            np.minimum.at(sig, at, half & np.uint32(0xFFFF))
+    sig = sig[: n * row].reshape(n * _SKETCHES, K)
     _densify(sig)
     sig = sig.reshape(n, _SKETCHES, K)
 
@@ -259,46 +348,99 @@ def _densify(sig: np.ndarray) -> None:
 
     The filled value depends on the source value and the distance, so two texts get
     equal values in a bin exactly when their sources agree at the same distance.
-    Every row has at least one non-empty bin.
+    Every row has at least one non-empty bin. (In the last row, the empty bins after its
+    last non-empty one take that bin, to their left, as the source: as this has always
+    done, so that stored signatures stay comparable.)
     """
-    K = sig.shape[1]
+    R, K = sig.shape
     flat = sig.reshape(-1)
     full = flat != _EMPTY
     where = np.flatnonzero(~full)
     if not where.size:
         return
     nonempty = np.flatnonzero(full)
-    before = np.cumsum(full, dtype=np.int64)  # non-empty bins up to and including each position
-    col = where % K
-    row0 = where - col
-    nxt = nonempty[np.minimum(before[where], nonempty.size - 1)]  # first non-empty after `where`
-    wrapped = nxt >= row0 + K  # none after it in its row: the row's first non-empty bin
-    nxt[wrapped] = nonempty[before[row0[wrapped]] - full[row0[wrapped]]]
-    dist = (nxt - where) % K
-    h = flat[nxt].astype(np.uint64) + dist.astype(np.uint64) * _ROT
+    # non-empty bins before the i-th empty one: where[i] - i; the next one is the first after it
+    ahead = where - np.arange(where.size)
+    np.minimum(ahead, nonempty.size - 1, out=ahead)  # past the last one: the last one
+    nxt = nonempty[ahead]
+    dist = nxt - where
+    col = where & (K - 1) if K & (K - 1) == 0 else where % K
+    wrapped = np.flatnonzero(dist > (K - 1) - col)  # none after it in its row: the row's first non-empty bin
+    if wrapped.size:
+        row0 = where[wrapped] - col[wrapped]
+        first = np.argmax(full.reshape(R, K), axis=1)[row0 // K]
+        nxt[wrapped] = row0 + first
+        dist[wrapped] = first + K - col[wrapped]
+    dist[dist < 0] += K
+    h = flat[nxt].astype(np.uint64)
+    h += dist.astype(np.uint64) * _ROT
     flat[where] = (_mix(h) & _U64(0xFFFFFFFE)).astype(np.uint32)  # never the empty marker
 
 
 def _signatures(arr: pa.Array, p: Params) -> tuple[np.ndarray, np.ndarray]:
     n = len(arr)
     spans = [(a, min(a + p.chunk_docs, n)) for a in range(0, n, p.chunk_docs)]
-    if p.workers > 1 and len(spans) > 1:
-        with ThreadPoolExecutor(p.workers) as pool:
-            parts = list(pool.map(lambda span: _signature_chunk(arr, *span, p), spans))
-    else:
-        parts = [_signature_chunk(arr, a, b, p) for a, b in spans]
-    if not parts:
+    if not spans:
         return np.zeros((0, p.bands), np.uint64), np.zeros((0, -(-p.num_perm // 8) * 8), np.uint8)
+    with _Pool(p.workers) as pool:
+        parts = pool.map(lambda span: _signature_chunk(arr, *span, p), spans)
     return np.concatenate([k for k, _ in parts]), np.concatenate([s for _, s in parts])
+
+
+class _Pool:
+    """`workers` threads in all: this one and workers - 1 others (numpy releases the GIL); map keeps the order."""
+
+    def __init__(self, workers: int):
+        self.workers = workers
+        self.executor = ThreadPoolExecutor(workers - 1) if workers > 1 else None
+
+    def __enter__(self) -> "_Pool":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.executor is not None:
+            self.executor.shutdown()
+
+    def map(self, fn, items) -> list:
+        items = list(items)
+        if self.executor is None or len(items) < 2:
+            return [fn(x) for x in items]
+        out = [None] * len(items)
+        todo = iter(range(len(items)))
+        lock = threading.Lock()
+
+        def drain() -> None:
+            while True:
+                with lock:
+                    i = next(todo, None)
+                if i is None:
+                    return
+                out[i] = fn(items[i])
+
+        helpers = [self.executor.submit(drain) for _ in range(min(self.workers - 1, len(items) - 1))]
+        try:
+            drain()
+        finally:
+            for f in helpers:
+                f.result()
+        return out
 
 
 # ---------------------------------------------------------------- candidates
 
 def _band_pairs(keys: np.ndarray, band: int, p: Params) -> tuple[np.ndarray, np.ndarray]:
     """Candidate pairs of one band, as (star, rest), each (m, 2) int64."""
+    star, rest = _band_candidates(keys, band, p)
+    return star.astype(np.int64), rest.astype(np.int64)
+
+
+def _band_candidates(keys: np.ndarray, band: int, p: Params) -> tuple[np.ndarray, np.ndarray]:
+    """_band_pairs with int32 indices where they fit (half the memory traffic downstream)."""
     n = keys.shape[0]
     col = keys[:, band]
     order = np.argsort(col, kind="stable")
+    if n < 2 ** 31:
+        order = order.astype(np.int32)
     sk = col[order]
     starts = np.flatnonzero(np.concatenate(([True], sk[1:] != sk[:-1])))
     sizes = np.diff(np.append(starts, n))
@@ -328,56 +470,91 @@ def _band_pairs(keys: np.ndarray, band: int, p: Params) -> tuple[np.ndarray, np.
         for d in range(1, p.bucket_window + 1):
             same = rs[d:] == rs[:-d]
             rest.append(np.stack((ms[:-d][same], ms[d:][same]), axis=1))
-    rest = np.concatenate(rest) if rest else np.zeros((0, 2), np.int64)
-    return star.astype(np.int64), rest.astype(np.int64)
+    rest = np.concatenate(rest) if rest else np.zeros((0, 2), order.dtype)
+    return star, rest
 
 
 def _each_band(keys: np.ndarray, p: Params):
-    """_band_pairs of every band in order, the next ones computed ahead on worker threads."""
+    """_band_candidates of every band in order, the next ones computed ahead on worker threads."""
     if p.workers == 1:
-        yield from (_band_pairs(keys, b, p) for b in range(p.bands))
+        yield from (_band_candidates(keys, b, p) for b in range(p.bands))
         return
     with ThreadPoolExecutor(p.workers - 1) as pool:
-        ahead = [pool.submit(_band_pairs, keys, b, p) for b in range(min(p.workers, p.bands))]
+        ahead = [pool.submit(_band_candidates, keys, b, p) for b in range(min(p.workers, p.bands))]
         for b in range(p.bands):
             result = ahead.pop(0).result()
             if b + len(ahead) + 1 < p.bands:
-                ahead.append(pool.submit(_band_pairs, keys, b + len(ahead) + 1, p))
+                ahead.append(pool.submit(_band_candidates, keys, b + len(ahead) + 1, p))
             yield result
+
+
+# pairs per span of the candidate filter (spread over the workers) and of the agreement count (in cache)
+_CANDIDATE_SPAN, _AGREE_SPAN = 1 << 16, 1 << 12
+_NIBBLE_LOW = _U64(0x1111111111111111)
+_BYTE_LANES = _U64(0x00FF00FF00FF00FF)
+_LANE_SUM = _U64(0x0001000100010001)
 
 
 class _Clusters:
     """Union of verified pairs, grown batch by batch; pairs already inside one cluster are skipped."""
 
-    def __init__(self, arr: pa.Array, sketch: np.ndarray, p: Params):
+    def __init__(self, arr: pa.Array, sketch: np.ndarray, p: Params, pool: _Pool | None = None):
         self.arr, self.sketch, self.p = arr, sketch, p
+        self.pool = pool if pool is not None else _Pool(1)
+        self.words = sketch.view(np.uint64)
         self.root = np.arange(len(arr), dtype=np.int64)
         self.need = p.min_agreement()
         self.edges: list[np.ndarray] = []
         self.sims: list[np.ndarray] = []
+        self.failed: list[np.ndarray] = []  # verified pairs below the threshold
         self.verified = 0
 
     def agreement(self, pairs: np.ndarray) -> np.ndarray:
         """Matching 4-bit slots of each pair (XOR the packed sketches 8 bytes at a time, count zero nibbles)."""
-        words = self.sketch.view(np.uint64)
         out = np.empty(len(pairs), np.int64)
-        step = 1 << 14
-        slots = _SKETCHES * self.p.num_perm  # padding bytes always match: not counted
-        for a in range(0, len(pairs), step):
-            c = pairs[a: a + step]
-            x = words[c[:, 0]] ^ words[c[:, 1]]
-            x |= x >> _U64(1)
-            x |= x >> _U64(2)
-            x &= _U64(0x1111111111111111)  # one bit per nonzero nibble
-            out[a: a + step] = slots - np.bitwise_count(x).sum(axis=1, dtype=np.int64)
+        spans = [(a, min(a + _CANDIDATE_SPAN, len(pairs))) for a in range(0, len(pairs), _CANDIDATE_SPAN)]
+        self.pool.map(lambda s: self._agree(pairs[s[0]: s[1]], out[s[0]: s[1]]), spans)
         return out
+
+    def _agree(self, pairs: np.ndarray, out: np.ndarray) -> None:
+        words, slots = self.words, _SKETCHES * self.p.num_perm  # padding bytes always match: not counted
+        for a in range(0, len(pairs), _AGREE_SPAN):
+            c = pairs[a: a + _AGREE_SPAN]
+            x = words[c[:, 0]]
+            y = words[c[:, 1]]
+            x ^= y
+            np.right_shift(x, _U64(1), out=y)
+            x |= y
+            np.right_shift(x, _U64(2), out=y)
+            x |= y
+            x &= _NIBBLE_LOW  # one bit per nonzero nibble
+            counts = np.bitwise_count(x)  # per word, at most 16
+            if counts.shape[1] == 16:  # two words of byte counts, summed in 16-bit lanes
+                s = counts.view(np.uint64)
+                s = s[:, 0] + s[:, 1]
+                s = (s & _BYTE_LANES) + ((s >> _U64(8)) & _BYTE_LANES)
+                differ = (s * _LANE_SUM) >> _U64(48)
+            else:
+                differ = counts.sum(axis=1, dtype=np.int64)
+            np.subtract(slots, differ, out=out[a: a + _AGREE_SPAN], casting="unsafe")
 
     def candidates(self, pairs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Pairs not yet in one cluster that pass the prefilter, with their agreement."""
-        pairs = pairs[self.root[pairs[:, 0]] != self.root[pairs[:, 1]]]
-        agree = self.agreement(pairs)
-        keep = agree >= self.need
-        return pairs[keep], agree[keep]
+        root = self.root
+
+        def span(s: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+            c = pairs[s[0]: s[1]]
+            c = c[root[c[:, 0]] != root[c[:, 1]]]
+            agree = np.empty(len(c), np.int64)
+            self._agree(c, agree)
+            keep = agree >= self.need
+            return c[keep], agree[keep]
+
+        spans = [(a, min(a + _CANDIDATE_SPAN, len(pairs))) for a in range(0, len(pairs), _CANDIDATE_SPAN)]
+        parts = self.pool.map(span, spans)
+        if not parts:
+            return pairs[:0], np.zeros(0, np.int64)
+        return np.concatenate([c for c, _ in parts]), np.concatenate([a for _, a in parts])
 
     def add(self, pairs: np.ndarray, agree: np.ndarray) -> None:
         """Verify `pairs`, most similar first, a window at a time; merge the clusters of those that pass.
@@ -409,10 +586,10 @@ class _Clusters:
             chosen = np.zeros(len(head), bool)
             chosen[_first_of_each(np.minimum(ra, rb), np.maximum(ra, rb))] = True
             batch = head[chosen]
-            sim = exact_jaccard_pairs(self.arr, batch, self.p.shingle_size, workers=self.p.workers,
-                                      batch_pairs=self.p.verify_batch)
+            sim = _exact_pairs(self.arr, batch, self.p.shingle_size, self.pool, self.p.verify_batch)
             self.verified += len(batch)
             ok = sim >= self.p.threshold - 1e-12
+            self.failed.append(batch[~ok])
             if ok.any():
                 self.edges.append(batch[ok])
                 self.sims.append(sim[ok])
@@ -423,6 +600,9 @@ class _Clusters:
 # ---------------------------------------------------------------- exact verification
 
 _scratch = threading.local()
+# pairs per verification batch at most (beyond, the bitsets outgrow the cache); a call's pairs are
+# split over the workers down to batches of _MIN_SPAN
+_SPAN_PAIRS, _MIN_SPAN = 512, 64
 
 
 def _or_step(bits: int):
@@ -438,14 +618,24 @@ def exact_jaccard_pairs(texts, pairs: np.ndarray, shingle_size: int = 3, *, work
     """Exact shingle Jaccard of each pair (i, j) of `texts` (vectorized, in batches)."""
     arr = _as_string_array(texts)
     pairs = np.asarray(pairs, np.int64).reshape(-1, 2)
-    spans = [(a, min(a + batch_pairs, len(pairs))) for a in range(0, len(pairs), batch_pairs)]
-    run = lambda span: _exact_batch(arr, pairs[span[0]: span[1]], shingle_size)  # noqa: E731
-    if workers > 1 and len(spans) > 1:
-        with ThreadPoolExecutor(workers) as pool:
-            parts = list(pool.map(run, spans))
-    else:
-        parts = [run(s) for s in spans]
-    return np.concatenate(parts) if parts else np.zeros(0)
+    with _Pool(workers) as pool:
+        return _exact_pairs(arr, pairs, shingle_size, pool, batch_pairs)
+
+
+def _exact_pairs(arr: pa.Array, pairs: np.ndarray, k: int, pool: _Pool, batch_pairs: int) -> np.ndarray:
+    """exact_jaccard_pairs on `pool`: pairs sharing a text batched together (its shingles are computed
+    once), batches of at most batch_pairs and _SPAN_PAIRS (a batch's bitsets stay in cache), at least
+    one per worker when there are enough."""
+    m = len(pairs)
+    if not m:
+        return np.zeros(0)
+    order = np.argsort(np.minimum(pairs[:, 0], pairs[:, 1]), kind="stable")
+    spans = max(-(-m // min(batch_pairs, _SPAN_PAIRS)), min(pool.workers, m // _MIN_SPAN))
+    bounds = [m * i // spans for i in range(spans + 1)]
+    parts = pool.map(lambda i: _exact_batch(arr, pairs[order[bounds[i]: bounds[i + 1]]], k), range(spans))
+    out = np.empty(m)
+    out[order] = np.concatenate(parts)
+    return out
 
 
 def _first_of_each(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
@@ -466,45 +656,66 @@ def _exact_batch(arr: pa.Array, pairs: np.ndarray, k: int) -> np.ndarray:
     docs = _sorted_unique(flat)
     local = np.searchsorted(docs, flat).reshape(pairs.shape)
     sub = arr.take(pa.array(docs, pa.int64()))
-    cp, coff = _texts_codepoints(sub, 0, len(sub))
+    cp, coff = _chunk_chars(sub, 0, len(sub))
+    nd = len(docs)
     # renumber the batch's alphabet 1..a (0 pads a short text), so shingles pack into few bits
-    if cp.size and int(cp.max()) < (1 << 16):
-        present = np.bincount(cp, minlength=1) > 0
-        lut = np.cumsum(present, dtype=np.uint32)
-        v = lut[cp]
-        alphabet = int(lut[-1])
+    if cp.dtype == np.uint8 or (cp.size and int(cp.max()) < (1 << 16)):
+        lut = np.cumsum(np.bincount(cp, minlength=1) > 0, dtype=np.uint32)
+        bits = max(int(lut[-1]).bit_length(), 1)
+        vt = np.uint32 if k * bits <= 32 else np.uint64
+        v = np.take(lut.astype(vt), cp)
     else:
         letters = _sorted_unique(cp)
-        v = (np.searchsorted(letters, cp) + 1).astype(np.uint32)
-        alphabet = int(letters.size)
-    bits = max(alphabet.bit_length(), 1)
+        bits = max(int(letters.size).bit_length(), 1)
+        vt = np.uint32 if k * bits <= 32 else np.uint64
+        v = (np.searchsorted(letters, cp) + 1).astype(vt)
     if k * bits > 64:  # a shingle does not fit exactly in 64 bits: compare the sets in Python
         texts = sub.to_pylist()
         return np.array([jaccard(texts[i], texts[j], k) for i, j in local])
-    v = v.astype(np.uint32 if k * bits <= 32 else np.uint64)
-    ids, counts = _combine(v, coff, k, _or_step(bits))  # a shingle packed exactly: its k chars side by side
+    # a shingle packed exactly: its k chars side by side, computed for every window where it lies;
+    # windows that are not a shingle of their text go to an extra row (as 0, not to widen the vocabulary)
+    lengths = np.diff(coff)
+    w = max(v.size - k + 1, 0)
+    ids = np.left_shift(v[:w], vt(bits * (k - 1)))
+    if k > 1:
+        tmp = np.empty(w, vt)
+        for j in range(1, k - 1):
+            np.left_shift(v[j: j + w], vt(bits * (k - 1 - j)), out=tmp)
+            ids |= tmp
+        ids |= v[k - 1: k - 1 + w]
+        del tmp
+    owner = np.repeat(np.arange(nd, dtype=np.int64), lengths)[:w]
+    wrong = _not_shingles(coff, lengths, k, w)
+    ids[wrong] = 0
+    owner[wrong] = nd
+    short = np.flatnonzero(lengths < k)
+    if short.size:  # a text shorter than k is one shingle
+        ids = np.concatenate((ids, _short_values(v, coff, short, k, _or_step(bits), lambda c: c, vt)))
+        owner = np.concatenate((owner, short))
     # number the batch's distinct shingles 0..V-1
-    if k * bits <= 20:  # small id space: a lookup table, no sort
+    if k * bits <= 20 and w > (1 << (k * bits)) // 64:  # a lookup table, no sort
         space = 1 << (k * bits)
         if getattr(_scratch, "space", 0) < space:
-            _scratch.mark, _scratch.table, _scratch.space = np.zeros(space, bool), np.zeros(space, np.int32), space
+            _scratch.mark, _scratch.table, _scratch.space = np.zeros(space, bool), np.zeros(space, np.int64), space
         mark = _scratch.mark[:space]
         mark[ids] = True
         vocab = np.flatnonzero(mark)
         mark[vocab] = False
-        _scratch.table[vocab] = np.arange(vocab.size, dtype=np.int32)
-        dense = _scratch.table[ids]
+        _scratch.table[vocab] = np.arange(vocab.size)
+        dense = np.take(_scratch.table, ids)
     else:
         vocab = _sorted_unique(ids)
         dense = np.searchsorted(vocab, ids)
     width = max(-(-int(vocab.size) // 64), 1) * 64
-    if len(docs) * width > (1 << 25) and len(pairs) > 1:  # keep the membership matrix small
+    if nd * width > (1 << 25) and len(pairs) > 1:  # keep the membership matrix small
         half = len(pairs) // 2
         return np.concatenate((_exact_batch(arr, pairs[:half], k), _exact_batch(arr, pairs[half:], k)))
     # each text's set as a bitset over the vocabulary: |A & B| is a popcount
-    member = np.zeros(len(docs) * width, bool)
-    member[np.repeat(np.arange(len(docs), dtype=np.int64) * width, counts) + dense] = True
-    words = np.packbits(member.reshape(len(docs), width), axis=1, bitorder="little").view(np.uint64)
+    owner *= width
+    owner += dense
+    member = np.zeros((nd + 1) * width, bool)
+    member[owner] = True
+    words = np.packbits(member.reshape(nd + 1, width)[:nd], axis=1, bitorder="little").view(np.uint64)
     size = np.bitwise_count(words).sum(axis=1, dtype=np.int64)
     a, b = local[:, 0], local[:, 1]
     inter = np.bitwise_count(words[a] & words[b]).sum(axis=1, dtype=np.int64)
@@ -514,27 +725,36 @@ def _exact_batch(arr: pa.Array, pairs: np.ndarray, k: int) -> np.ndarray:
 # ---------------------------------------------------------------- clusters
 
 def _components(root: np.ndarray, edges: np.ndarray) -> np.ndarray:
-    """Merge `edges` into the forest `root` (root[x] = smallest index of x's cluster; root[x] <= x).
+    """Merge `edges` into the forest `root` (root[x] = smallest index of x's cluster, root[root] = root).
 
-    Hooking roots onto the smaller root and pointer jumping: pointers only go to
-    smaller indices, so the result is the smallest index of each connected component.
+    Only the roots the edges touch are merged: hooking roots onto the smaller root and pointer
+    jumping on that small graph (pointers only go to smaller indices, so each component ends at
+    its smallest root), then every text takes its root's new root.
     """
-    root = root.copy()
-    u, v = edges[:, 0], edges[:, 1]
+    ru, rv = root[edges[:, 0]], root[edges[:, 1]]
+    differ = ru != rv
+    if not differ.any():
+        return root.copy()
+    nodes, local = np.unique(np.concatenate((ru[differ], rv[differ])), return_inverse=True)
+    u, v = local[: local.size // 2], local[local.size // 2:]
+    label = np.arange(nodes.size)  # local indices follow the roots' order
     while True:
-        ru, rv = root[u], root[v]
-        differ = ru != rv
+        lu, lv = label[u], label[v]
+        differ = lu != lv
         if not differ.any():
-            return root
-        ru, rv = ru[differ], rv[differ]
-        low = np.minimum(ru, rv)
-        np.minimum.at(root, ru, low)
-        np.minimum.at(root, rv, low)
+            break
+        lu, lv = lu[differ], lv[differ]
+        low = np.minimum(lu, lv)
+        np.minimum.at(label, lu, low)
+        np.minimum.at(label, lv, low)
         while True:
-            jumped = root[root]
-            if np.array_equal(jumped, root):
+            jumped = label[label]
+            if np.array_equal(jumped, label):
                 break
-            root = jumped
+            label = jumped
+    relabel = np.arange(len(root), dtype=root.dtype)
+    relabel[nodes] = nodes[label]
+    return relabel[root]
 
 
 @dataclass
@@ -559,7 +779,12 @@ def find_near_duplicates(texts, *, keepers: bool = False, **params) -> NearDupli
         empty = np.zeros(0, np.int64)
         return NearDuplicates(empty, np.zeros((0, 2), np.int64), np.zeros(0), 0, empty if keepers else None)
     keys, sketch = _signatures(arr, p)
-    clusters = _Clusters(arr, sketch, p)
+    with _Pool(p.workers) as pool:
+        return _find(arr, keys, sketch, p, pool, keepers)
+
+
+def _find(arr: pa.Array, keys: np.ndarray, sketch: np.ndarray, p: Params, pool: _Pool, keepers: bool) -> NearDuplicates:
+    clusters = _Clusters(arr, sketch, p, pool)
     # Pass 1, band by band: each bucket's star pairs; the likely near duplicates (estimate at
     # least the threshold) are verified at once, which builds the big clusters cheaply.
     # Pass 2: the buckets' other pairs, held back (up to `max_pending`) until the stars have
@@ -577,17 +802,17 @@ def find_near_duplicates(texts, *, keepers: bool = False, **params) -> NearDupli
 
     for star, others in _each_band(keys, p):
         sure_now(star)
-        pending.append(others.astype(np.int32))
+        pending.append(others.astype(np.int32, copy=False))
         if sum(len(x) for x in pending) > p.max_pending:
-            sure_now(np.concatenate(pending).astype(np.int64))
+            sure_now(np.concatenate(pending))
             pending = []
     if pending:
-        sure_now(np.concatenate(pending).astype(np.int64))
+        sure_now(np.concatenate(pending))
     del pending
     pairs, agree = np.concatenate(doubtful_pairs), np.concatenate(doubtful_agree)
     once = _first_of_each(np.minimum(pairs[:, 0], pairs[:, 1]), np.maximum(pairs[:, 0], pairs[:, 1]))
     clusters.add(pairs[once], agree[once])  # a pair found by several bands is verified once
-    pairs = np.concatenate(clusters.edges) if clusters.edges else np.zeros((0, 2), np.int64)
+    pairs = np.concatenate(clusters.edges).astype(np.int64) if clusters.edges else np.zeros((0, 2), np.int64)
     sims = np.concatenate(clusters.sims) if clusters.sims else np.zeros(0)
     pairs = np.sort(pairs, axis=1)
     keeper = _keeper_split(clusters, pairs) if keepers else None
@@ -603,20 +828,34 @@ def _keeper_split(clusters: _Clusters, forest: np.ndarray) -> np.ndarray:
     fail against it are re-clustered among themselves (along the forest's edges between
     them) and each part gets its own keeper, until every member passes. The split clusters
     stay inside their chain cluster, which remains the unit for leakage-free splits.
-    Verification is skipped where the sketches already say "far below the threshold".
+    Verification is skipped where the sketches already say "far below the threshold", and not
+    repeated for pairs the clustering verified (the forest's edges passed, its failures are kept).
     """
     p, n = clusters.p, len(clusters.root)
+    failed = np.concatenate(clusters.failed) if clusters.failed else np.zeros((0, 2), np.int64)
+    known = np.concatenate((forest[:, 0] * n + forest[:, 1],
+                            np.minimum(failed[:, 0], failed[:, 1]).astype(np.int64) * n
+                            + np.maximum(failed[:, 0], failed[:, 1])))
+    order = np.argsort(known, kind="stable")
+    known, known_passed = known[order], order < len(forest)
     keeper = clusters.root.copy()
     active = np.flatnonzero(keeper != np.arange(n))
     while active.size:
-        pairs = np.stack((keeper[active], active), axis=1)
+        pairs = np.stack((keeper[active], active), axis=1)  # keeper < member
         passed = np.zeros(active.size, bool)
         maybe = np.flatnonzero(clusters.agreement(pairs) >= clusters.need)
         if maybe.size:
-            sim = exact_jaccard_pairs(clusters.arr, pairs[maybe], p.shingle_size, workers=p.workers,
-                                      batch_pairs=p.verify_batch)
-            clusters.verified += maybe.size
-            passed[maybe] = sim >= p.threshold - 1e-12
+            code = pairs[maybe, 0] * n + pairs[maybe, 1]
+            at = np.minimum(np.searchsorted(known, code), max(len(known) - 1, 0))
+            hit = known[at] == code if len(known) else np.zeros(maybe.size, bool)
+            result = np.zeros(maybe.size, bool)
+            result[hit] = known_passed[at[hit]]
+            todo = np.flatnonzero(~hit)
+            if todo.size:
+                sim = _exact_pairs(clusters.arr, pairs[maybe[todo]], p.shingle_size, clusters.pool, p.verify_batch)
+                result[todo] = sim >= p.threshold - 1e-12
+            clusters.verified += maybe.size  # the known ones were verified before
+            passed[maybe] = result
         failed = active[~passed]
         if not failed.size:
             break
