@@ -359,22 +359,28 @@ def _densify(sig: np.ndarray) -> None:
     if not where.size:
         return
     nonempty = np.flatnonzero(full)
+    it = np.int32 if flat.size < 2 ** 31 else np.int64
+    where = where.astype(it)
     # non-empty bins before the i-th empty one: where[i] - i; the next one is the first after it
-    ahead = where - np.arange(where.size)
-    np.minimum(ahead, nonempty.size - 1, out=ahead)  # past the last one: the last one
-    nxt = nonempty[ahead]
+    ahead = where - np.arange(where.size, dtype=it)
+    np.minimum(ahead, it(nonempty.size - 1), out=ahead)  # past the last one: the last one
+    nxt = np.take(nonempty, ahead).astype(it)
     dist = nxt - where
-    col = where & (K - 1) if K & (K - 1) == 0 else where % K
+    col = where & it(K - 1) if K & (K - 1) == 0 else where % it(K)
     wrapped = np.flatnonzero(dist > (K - 1) - col)  # none after it in its row: the row's first non-empty bin
     if wrapped.size:
         row0 = where[wrapped] - col[wrapped]
-        first = np.argmax(full.reshape(R, K), axis=1)[row0 // K]
+        first = np.argmax(full.reshape(R, K), axis=1).astype(it)[row0 // K]
         nxt[wrapped] = row0 + first
         dist[wrapped] = first + K - col[wrapped]
     dist[dist < 0] += K
-    h = flat[nxt].astype(np.uint64)
-    h += dist.astype(np.uint64) * _ROT
-    flat[where] = (_mix(h) & _U64(0xFFFFFFFE)).astype(np.uint32)  # never the empty marker
+    h = np.take(flat, nxt).astype(np.uint64)
+    tmp = dist.astype(np.uint64)
+    tmp *= _ROT
+    h += tmp
+    _mix_into(h, tmp)
+    h &= _U64(0xFFFFFFFE)  # never the empty marker
+    flat[where] = h
 
 
 def _signatures(arr: pa.Array, p: Params) -> tuple[np.ndarray, np.ndarray]:
@@ -438,7 +444,7 @@ def _band_candidates(keys: np.ndarray, band: int, p: Params) -> tuple[np.ndarray
     """_band_pairs with int32 indices where they fit (half the memory traffic downstream)."""
     n = keys.shape[0]
     col = keys[:, band]
-    order = np.argsort(col, kind="stable")
+    order = _stable_argsort(col)
     if n < 2 ** 31:
         order = order.astype(np.int32)
     sk = col[order]
@@ -472,6 +478,20 @@ def _band_candidates(keys: np.ndarray, band: int, p: Params) -> tuple[np.ndarray
             rest.append(np.stack((ms[:-d][same], ms[d:][same]), axis=1))
     rest = np.concatenate(rest) if rest else np.zeros((0, 2), order.dtype)
     return star, rest
+
+
+def _stable_argsort(col: np.ndarray) -> np.ndarray:
+    """np.argsort(col, kind="stable") for uint64 keys: an unstable sort (several times faster), then
+    each run of equal keys put back in index order."""
+    order = np.argsort(col)
+    if col.size < 2 or col.size >= 2 ** 32:
+        return np.argsort(col, kind="stable") if col.size >= 2 ** 32 else order
+    sk = col[order]
+    run = np.cumsum(np.concatenate(([False], sk[1:] != sk[:-1])), dtype=np.uint64)
+    run <<= _U64(32)
+    run |= order.astype(np.uint64)
+    run.sort()
+    return (run & _U64(0xFFFFFFFF)).astype(np.int64)
 
 
 def _each_band(keys: np.ndarray, p: Params):
@@ -563,7 +583,8 @@ class _Clusters:
         window only the first pair between two clusters is verified, the others wait for the
         next window (redundant if that one passed).
         """
-        pairs = pairs[np.argsort(-agree, kind="stable")]
+        # most similar first, ties in queue order (a stable sort of small keys: a radix sort)
+        pairs = pairs[np.argsort((_SKETCHES * self.p.num_perm - agree).astype(np.uint16), kind="stable")]
         window = self.p.verify_batch * self.p.workers * 4
         # The queue is `carry` then pairs[pos:]. Only the next window is filtered and copied each round
         # (filtering and copying the whole queue every round made this quadratic in the number of pairs);
@@ -641,9 +662,11 @@ def _exact_pairs(arr: pa.Array, pairs: np.ndarray, k: int, pool: _Pool, batch_pa
 def _first_of_each(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
     """Indices of the first occurrence of each distinct (lo, hi)."""
     code = (lo.astype(np.uint64) << _U64(32)) | hi.astype(np.uint64)
-    order = np.argsort(code, kind="stable")
+    order = np.argsort(code)  # not stable (several times faster): the first is the smallest index of its run
+    if not len(code):
+        return order
     sc = code[order]
-    return np.sort(order[np.concatenate(([True], sc[1:] != sc[:-1]))]) if len(sc) else order
+    return np.sort(np.minimum.reduceat(order, np.flatnonzero(np.concatenate(([True], sc[1:] != sc[:-1])))))
 
 
 def _sorted_unique(x: np.ndarray) -> np.ndarray:
