@@ -522,6 +522,7 @@ class _Clusters:
         self.arr, self.sketch, self.p = arr, sketch, p
         self.pool = pool if pool is not None else _Pool(1)
         self.words = sketch.view(np.uint64)
+        self.alphabet = _ascii_alphabet(arr, p.shingle_size)
         self.root = np.arange(len(arr), dtype=np.int64)
         self.need = p.min_agreement()
         self.edges: list[np.ndarray] = []
@@ -607,7 +608,7 @@ class _Clusters:
             chosen = np.zeros(len(head), bool)
             chosen[_first_of_each(np.minimum(ra, rb), np.maximum(ra, rb))] = True
             batch = head[chosen]
-            sim = _exact_pairs(self.arr, batch, self.p.shingle_size, self.pool, self.p.verify_batch)
+            sim = _exact_pairs(self.arr, batch, self.p.shingle_size, self.pool, self.p.verify_batch, self.alphabet)
             self.verified += len(batch)
             ok = sim >= self.p.threshold - 1e-12
             self.failed.append(batch[~ok])
@@ -643,7 +644,8 @@ def exact_jaccard_pairs(texts, pairs: np.ndarray, shingle_size: int = 3, *, work
         return _exact_pairs(arr, pairs, shingle_size, pool, batch_pairs)
 
 
-def _exact_pairs(arr: pa.Array, pairs: np.ndarray, k: int, pool: _Pool, batch_pairs: int) -> np.ndarray:
+def _exact_pairs(arr: pa.Array, pairs: np.ndarray, k: int, pool: _Pool, batch_pairs: int,
+                 alphabet: tuple[np.ndarray, int] | None = None) -> np.ndarray:
     """exact_jaccard_pairs on `pool`: pairs sharing a text batched together (its shingles are computed
     once), batches of at most batch_pairs and _SPAN_PAIRS (a batch's bitsets stay in cache), at least
     one per worker when there are enough."""
@@ -653,7 +655,7 @@ def _exact_pairs(arr: pa.Array, pairs: np.ndarray, k: int, pool: _Pool, batch_pa
     order = np.argsort(np.minimum(pairs[:, 0], pairs[:, 1]), kind="stable")
     spans = max(-(-m // min(batch_pairs, _SPAN_PAIRS)), min(pool.workers, m // _MIN_SPAN))
     bounds = [m * i // spans for i in range(spans + 1)]
-    parts = pool.map(lambda i: _exact_batch(arr, pairs[order[bounds[i]: bounds[i + 1]]], k), range(spans))
+    parts = pool.map(lambda i: _exact_batch(arr, pairs[order[bounds[i]: bounds[i + 1]]], k, alphabet), range(spans))
     out = np.empty(m)
     out[order] = np.concatenate(parts)
     return out
@@ -674,7 +676,23 @@ def _sorted_unique(x: np.ndarray) -> np.ndarray:
     return x[np.concatenate(([True], x[1:] != x[:-1]))] if x.size else x
 
 
-def _exact_batch(arr: pa.Array, pairs: np.ndarray, k: int) -> np.ndarray:
+def _ascii_alphabet(arr: pa.Array, k: int) -> tuple[np.ndarray, int] | None:
+    """For ASCII texts whose shingles pack into a lookup table's 20 bits: (byte -> 1..a as uint32, bits),
+    shared by every verification batch of the texts (else each batch numbers its own alphabet)."""
+    offsets, data = _buffers(arr)
+    chars = data[offsets[0]: offsets[-1]] if len(arr) else data[:0]
+    if chars.size and int(chars.max()) >= 0x80:
+        return None
+    present = np.zeros(256, bool)
+    for a in range(0, chars.size, 1 << 22):
+        present |= np.bincount(chars[a: a + (1 << 22)], minlength=256) > 0
+    lut = np.cumsum(present, dtype=np.uint32)
+    bits = max(int(lut[-1]).bit_length(), 1)
+    return (lut, bits) if k * bits <= 20 else None
+
+
+def _exact_batch(arr: pa.Array, pairs: np.ndarray, k: int, alphabet: tuple[np.ndarray, int] | None = None
+                 ) -> np.ndarray:
     flat = pairs.ravel()
     docs = _sorted_unique(flat)
     local = np.searchsorted(docs, flat).reshape(pairs.shape)
@@ -682,7 +700,11 @@ def _exact_batch(arr: pa.Array, pairs: np.ndarray, k: int) -> np.ndarray:
     cp, coff = _chunk_chars(sub, 0, len(sub))
     nd = len(docs)
     # renumber the batch's alphabet 1..a (0 pads a short text), so shingles pack into few bits
-    if cp.dtype == np.uint8 or (cp.size and int(cp.max()) < (1 << 16)):
+    if alphabet is not None and cp.dtype == np.uint8:  # the texts' ASCII alphabet
+        lut, bits = alphabet
+        vt = np.uint32
+        v = np.take(lut, cp)
+    elif cp.dtype == np.uint8 or (cp.size and int(cp.max()) < (1 << 16)):
         lut = np.cumsum(np.bincount(cp, minlength=1) > 0, dtype=np.uint32)
         bits = max(int(lut[-1]).bit_length(), 1)
         vt = np.uint32 if k * bits <= 32 else np.uint64
@@ -732,7 +754,8 @@ def _exact_batch(arr: pa.Array, pairs: np.ndarray, k: int) -> np.ndarray:
     width = max(-(-int(vocab.size) // 64), 1) * 64
     if nd * width > (1 << 25) and len(pairs) > 1:  # keep the membership matrix small
         half = len(pairs) // 2
-        return np.concatenate((_exact_batch(arr, pairs[:half], k), _exact_batch(arr, pairs[half:], k)))
+        return np.concatenate((_exact_batch(arr, pairs[:half], k, alphabet),
+                               _exact_batch(arr, pairs[half:], k, alphabet)))
     # each text's set as a bitset over the vocabulary: |A & B| is a popcount
     owner *= width
     owner += dense
@@ -875,7 +898,8 @@ def _keeper_split(clusters: _Clusters, forest: np.ndarray) -> np.ndarray:
             result[hit] = known_passed[at[hit]]
             todo = np.flatnonzero(~hit)
             if todo.size:
-                sim = _exact_pairs(clusters.arr, pairs[maybe[todo]], p.shingle_size, clusters.pool, p.verify_batch)
+                sim = _exact_pairs(clusters.arr, pairs[maybe[todo]], p.shingle_size, clusters.pool, p.verify_batch,
+                                   clusters.alphabet)
                 result[todo] = sim >= p.threshold - 1e-12
             clusters.verified += maybe.size  # the known ones were verified before
             passed[maybe] = result
