@@ -232,6 +232,7 @@ def _mix_into(h: np.ndarray, tmp: np.ndarray) -> np.ndarray:
     return h
 
 
+_SIG_BLOCK = 1 << 15  # windows hashed at a time
 # POLY^j, and sum_{j<k} POLY^j (mod 2^64): a window's hash is sum_j (char_j + 1) * POLY^(k-1-j), the
 # fold acc * POLY + (char + 1) unrolled, with the +1s added once as that sum
 _POW = [1]
@@ -291,34 +292,39 @@ def _signature_chunk(arr: pa.Array, start: int, stop: int, p: Params) -> tuple[n
     w = max(chars.size - k + 1, 0)
     row = _SKETCHES * K
     index = np.int32 if (n + 1) * row < 2 ** 31 else np.int64
-    h = np.multiply(chars[:w], _POW[k - 1], dtype=np.uint64)
-    tmp = np.empty(w, np.uint64)
-    for j in range(1, k - 1):
-        np.multiply(chars[j: j + w], _POW[k - 1 - j], out=tmp, dtype=np.uint64)
-        h += tmp
-    if k > 1:
-        np.add(h, chars[k - 1: k - 1 + w], out=h, dtype=np.uint64)
-    h += _ONES[k]
-    h ^= _SEED
-    _mix_into(h, tmp)
-    del tmp
-    # two sketches from the two 32-bit halves of the hash: 16 bits pick the bin, 16 the value
-    halves = h.view(np.uint32).reshape(w, 2)
-    high, low = (1, 0) if sys.byteorder == "little" else (0, 1)
-    if K > 1 and K & (K - 1) == 0:  # (x >> 16) * K >> 16 is a shift
-        slot = halves >> np.uint32(33 - K.bit_length())
-    else:
-        slot = ((halves >> np.uint32(16)) * np.uint32(K)) >> np.uint32(16)
-    slot = slot.view(np.int32) if index is np.int32 else slot.astype(index)
-    slot[:, low] += K
     base = np.repeat(np.arange(0, n * row, row, dtype=index), lengths)[:w]
     base[_not_shingles(coff, lengths, k, w)] = n * row  # the trash row
-    slot += base[:, None]
-    del base
-    halves &= np.uint32(0xFFFF)
     sig = np.full((n + 1) * row, _EMPTY, np.uint32)
-    np.minimum.at(sig, slot.reshape(-1), halves.reshape(-1))
-    del slot, halves, h
+    high, low = (1, 0) if sys.byteorder == "little" else (0, 1)
+    step = min(w, _SIG_BLOCK)
+    h, tmp = np.empty(step, np.uint64), np.empty(step, np.uint64)
+    for a in range(0, w, _SIG_BLOCK):  # a block of windows at a time: its arrays stay in cache
+        b = min(a + _SIG_BLOCK, w)
+        hb, tb = h[: b - a], tmp[: b - a]
+        np.multiply(chars[a: b], _POW[k - 1], out=hb, dtype=np.uint64)
+        for j in range(1, k - 1):
+            np.multiply(chars[a + j: b + j], _POW[k - 1 - j], out=tb, dtype=np.uint64)
+            hb += tb
+        if k > 1:
+            np.add(hb, chars[a + k - 1: b + k - 1], out=hb, dtype=np.uint64)
+        hb += _ONES[k]
+        hb ^= _SEED
+        _mix_into(hb, tb)
+        # two sketches from the two 32-bit halves of the hash: 16 bits pick the bin, 16 the value
+        halves = hb.view(np.uint32).reshape(b - a, 2)
+        slot = tb.view(np.uint32).reshape(b - a, 2)
+        if K > 1 and K & (K - 1) == 0:  # (x >> 16) * K >> 16 is a shift
+            np.right_shift(halves, np.uint32(33 - K.bit_length()), out=slot)
+        else:
+            np.right_shift(halves, np.uint32(16), out=slot)
+            slot *= np.uint32(K)
+            slot >>= np.uint32(16)
+        slot = slot.view(np.int32) if index is np.int32 else slot.astype(index)
+        slot[:, low] += K
+        slot += base[a: b, None]
+        halves &= np.uint32(0xFFFF)
+        np.minimum.at(sig, slot.reshape(-1), halves.reshape(-1))
+    del base, h, tmp
     short = np.flatnonzero(lengths < k)
     if short.size:  # a text shorter than k is one shingle
         sh = _short_values(chars, coff, short, k, _poly_step, lambda c: c.astype(np.uint64) + _U64(1), np.uint64)
