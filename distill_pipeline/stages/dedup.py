@@ -661,7 +661,8 @@ def _exact_pairs(arr: pa.Array, pairs: np.ndarray, k: int, pool: _Pool, batch_pa
     order = np.argsort(np.minimum(pairs[:, 0], pairs[:, 1]), kind="stable")
     spans = max(-(-m // min(batch_pairs, _SPAN_PAIRS)), min(pool.workers, m // _MIN_SPAN))
     bounds = [m * i // spans for i in range(spans + 1)]
-    parts = pool.map(lambda i: _exact_batch(arr, pairs[order[bounds[i]: bounds[i + 1]]], k, alphabet), range(spans))
+    pairs = pairs[order]
+    parts = pool.map(lambda i: _exact_batch(arr, pairs[bounds[i]: bounds[i + 1]], k, alphabet), range(spans))
     out = np.empty(m)
     out[order] = np.concatenate(parts)
     return out
