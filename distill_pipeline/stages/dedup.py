@@ -8,9 +8,11 @@ a~b~c puts a and c together even when J(a, c) is below the threshold. Optionally
 (`keepers=True`, `linkage="keeper"`) each chain cluster is also split so that every
 member is a verified near duplicate of its keeper.
 
-Everything is numpy over the Arrow string buffers, never a Python loop per text:
-  1. Signatures, chunk by chunk on `workers` threads (numpy releases the GIL):
-     UTF-8 bytes -> code points -> one 64-bit hash per shingle -> two independent
+Everything is numpy over the Arrow string buffers, never a Python loop per text, and the
+heavy steps (signatures, the candidate filter and estimates, verification batches) are
+spread over `workers` threads, this one included (numpy releases the GIL):
+  1. Signatures, chunk by chunk: UTF-8 bytes (ASCII as they are) -> code points -> one
+     64-bit hash per shingle, computed where each window lies -> two independent
      one-permutation MinHash sketches of `num_perm` bins (the hash picks the bin and a
      value; each bin keeps its minimum), empty bins filled by rotation densification.
      Kept per text: `bands` 64-bit band keys (from the first sketch) and 4 bits of each
@@ -28,8 +30,9 @@ Everything is numpy over the Arrow string buffers, never a Python loop per text:
      verified depends on the order; the clusters do not (a skipped pair already lies
      inside one cluster).
   4. Verification: exact Jaccard of the shingle sets, recomputed for just the texts of
-     a batch of pairs (shingles packed exactly from the batch's alphabet, numbered by a
-     lookup table, sets as bitsets: |A & B| is a popcount).
+     a batch of pairs, pairs sharing a text batched together (shingles packed exactly from
+     the batch's alphabet, or the texts' own when they are ASCII, numbered by a lookup
+     table, sets as bitsets: |A & B| is a popcount).
   5. Clusters: connected components of the verified pairs; each text maps to the
      smallest index of its cluster.
 """
@@ -528,7 +531,7 @@ class _Clusters:
         self.arr, self.sketch, self.p = arr, sketch, p
         self.pool = pool if pool is not None else _Pool(1)
         self.words = sketch.view(np.uint64)
-        self.alphabet = _ascii_alphabet(arr, p.shingle_size)
+        self.alphabet = _ascii_alphabet(arr, p.shingle_size, self.pool)
         self.root = np.arange(len(arr), dtype=np.int64)
         self.need = p.min_agreement()
         self.edges: list[np.ndarray] = []
@@ -683,16 +686,17 @@ def _sorted_unique(x: np.ndarray) -> np.ndarray:
     return x[np.concatenate(([True], x[1:] != x[:-1]))] if x.size else x
 
 
-def _ascii_alphabet(arr: pa.Array, k: int) -> tuple[np.ndarray, int] | None:
-    """For ASCII texts whose shingles pack into a lookup table's 20 bits: (byte -> 1..a as uint32, bits),
+def _ascii_alphabet(arr: pa.Array, k: int, pool: _Pool | None = None) -> tuple[np.ndarray, int] | None:
+    """For ASCII texts whose shingles pack into a lookup table's 20 bits: (byte -> 1..a, bits),
     shared by every verification batch of the texts (else each batch numbers its own alphabet)."""
     offsets, data = _buffers(arr)
     chars = data[offsets[0]: offsets[-1]] if len(arr) else data[:0]
-    if chars.size and int(chars.max()) >= 0x80:
+    step = 1 << 22
+    spans = range(0, chars.size, step)
+    counts = (pool or _Pool(1)).map(lambda a: np.bincount(chars[a: a + step], minlength=256), spans)
+    present = np.add.reduce(counts) > 0 if counts else np.zeros(256, bool)
+    if present.size > 256 or present[0x80:].any():
         return None
-    present = np.zeros(256, bool)
-    for a in range(0, chars.size, 1 << 22):
-        present |= np.bincount(chars[a: a + (1 << 22)], minlength=256) > 0
     lut = np.cumsum(present, dtype=np.uint32)
     bits = max(int(lut[-1]).bit_length(), 1)
     return (lut, bits) if k * bits <= 20 else None
