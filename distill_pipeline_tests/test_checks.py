@@ -88,3 +88,18 @@ def test_answers_mostly_usable_fails_on_a_bad_teacher():
     assert checks.answers_mostly_usable({"ok": 90, "failed": 6, "invalid": 4}, 100, 0.05) == (False, 0.1)
     # inputs that were never answerable do not count against the teacher
     assert checks.answers_mostly_usable({"ok": 50, "invalid_input": 50}, 100, 0.0) == (True, 0.0)
+
+
+def test_the_leakage_checks_shingle_ids_are_the_shingles_themselves():
+    """Packed code points, not hashes: the Jaccard from the ids equals the one from the strings, for short
+    texts, empty ones and characters outside the BMP too."""
+    from distill_pipeline.stages.checks import _shingle_table
+    from distill_pipeline.stages.dedup import jaccard
+
+    texts = ["ab", "", "abc", "abcab", "zé😀x zé😀y", "zé😀x zé😀z", "a", "aa"]
+    doc, ids = _shingle_table(texts, 3)
+    sets = [set(ids[doc == d].tolist()) for d in range(len(texts))]
+    for i in range(len(texts)):
+        for j in range(len(texts)):
+            if texts[i] and texts[j]:
+                assert len(sets[i] & sets[j]) / len(sets[i] | sets[j]) == jaccard(texts[i], texts[j], 3), (i, j)

@@ -4,13 +4,13 @@ that produced it (a check that reruns the producer's logic cannot fail), so this
 - `targets_violating_schema`: the curated targets as written to disk, validated by `jsonschema` against the
   schema derived from the task config (not by the parser that made them).
 - `near_duplicates_across_splits`: the written splits searched for near-duplicate pairs across splits by
-  a detector of its own (a textbook MinHash with other hashes and bands than the splitter's engine, every
-  candidate's Jaccard computed exactly), not by the engine the splitter used to keep clusters together.
+  a detector of its own (a textbook MinHash with other shingle ids, hashes and bands than the splitter's
+  engine, every candidate's Jaccard computed exactly), not by the engine the splitter used to keep
+  clusters together.
 """
 
 from __future__ import annotations
 
-import itertools
 import json
 import zlib
 from collections import Counter, defaultdict
@@ -68,59 +68,117 @@ def _shingle_ids(text: str, k: int) -> np.ndarray:
     return np.unique(np.fromiter((zlib.crc32(g.encode()) for g in grams), np.int64, len(grams)))
 
 
+_PAD = 0x1FFFFF  # above every code point: pads a text shorter than k, so its one shingle is none of a longer one's
+
+
+def _shingle_table(texts: list[str], k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(doc, shingle id) once per distinct shingle of each text, sorted by doc then id.
+
+    For k <= 3 the id is the shingle itself, its k code points side by side in 21 bits each (exact, all
+    texts at once in numpy); for longer shingles the CRC32 of its UTF-8, text by text.
+    """
+    n = len(texts)
+    if k > 3:
+        parts = [_shingle_ids(t, k) for t in texts]
+        docs = np.repeat(np.arange(n), [len(x) for x in parts])
+        return docs, (np.concatenate(parts) if parts else np.zeros(0, np.int64))
+    lengths = np.fromiter((len(t) for t in texts), np.int64, n)
+    chars = np.frombuffer("".join(texts).encode("utf-32-le"), np.uint32).astype(np.int64)
+    chars = np.concatenate([chars, np.full(k, _PAD, np.int64)])
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]) if n else np.zeros(0, np.int64)
+    count = np.maximum(lengths - k + 1, 1)  # windows per text; a short text is one (padded) shingle
+    doc = np.repeat(np.arange(n), count)
+    pos = np.repeat(starts - np.concatenate([[0], np.cumsum(count)[:-1]]), count) + np.arange(count.sum())
+    ids = np.zeros(len(pos), np.int64)
+    end = np.repeat(starts + lengths, count)
+    for j in range(k):
+        at = pos + j
+        ids = (ids << 21) | np.where(at < end, chars[np.minimum(at, len(chars) - 1)], _PAD)
+    order = np.lexsort((ids, doc))
+    doc, ids = doc[order], ids[order]
+    first = np.concatenate([[True], (doc[1:] != doc[:-1]) | (ids[1:] != ids[:-1])]) if len(ids) else np.zeros(0, bool)
+    return doc[first], ids[first]
+
+
+def _band_keys(rows: np.ndarray) -> np.ndarray:
+    """One 64-bit key per row of a band (a collision only adds a candidate, verified like any other)."""
+    mult = np.array([0x9E3779B185EBCA87, 0xC2B2AE3D27D4EB4F, 0x165667B19E3779F9, 0xD6E8FEB86659FD93], np.uint64)
+    key = np.zeros(len(rows), np.uint64)
+    for j in range(rows.shape[1]):
+        key = (key ^ rows[:, j].astype(np.uint64)) * mult[j % 4]
+    return key
+
+
 def near_duplicates_across_splits(splits: dict[str, Any], threshold: float, shingle_size: int, *,
                                   num_perm: int = 128, rows_per_band: int = 4, seed: int = 20261202,
                                   show: int = 5) -> tuple[int, list[dict]]:
     """(pairs of inputs in different splits with Jaccard >= threshold, the most similar few of them).
 
-    A textbook MinHash (CRC32 shingle ids, `num_perm` universal hashes (a*x + b) mod 2^31-1) with its
-    own banding (4 rows per band: a pair at J = 0.8 shares no band with probability ~1e-7); the pairs of a
+    A textbook MinHash (exact shingle ids, `num_perm` multiply-shift hashes) with its own
+    banding (4 rows per band: a pair at J = 0.8 shares no band with probability ~1e-7); the pairs of a
     bucket that spans two splits whose signatures roughly agree are verified by exact Jaccard; buckets
     within one split cost nothing.
     """
-    prime = (1 << 31) - 1
     rng = np.random.default_rng(seed)
-    a = rng.integers(1, prime, num_perm, dtype=np.int64)
-    b = rng.integers(0, prime, num_perm, dtype=np.int64)
-    names, texts, sets, signatures = [], [], [], []
+    # multiply-shift hashes: (a*x + b mod 2^64) >> 33, a odd
+    a = rng.integers(0, 1 << 63, num_perm, dtype=np.uint64) * np.uint64(2) + np.uint64(1)
+    b = rng.integers(0, 1 << 63, num_perm, dtype=np.uint64)
+    names, texts = [], []
     for name, table in splits.items():
         for text in table.column("input").to_pylist():
-            norm = _normalized(text or "")
-            ids = _shingle_ids(norm, shingle_size)
             names.append(name)
-            texts.append(norm)
-            sets.append(frozenset(ids.tolist()))
-            signatures.append(((ids[:, None] * a + b) % prime).min(axis=0))
+            texts.append(_normalized(text or ""))
     found: dict[tuple[int, int], float] = {}
-    checked: set[tuple[int, int]] = set()  # pairs sharing several bands are verified once
-    if signatures:
-        sigs = np.stack(signatures)
+    if texts:
+        doc, ids = _shingle_table(texts, shingle_size)
+        bounds = np.searchsorted(doc, np.arange(len(texts) + 1))
+        x = ids.astype(np.uint64)
+        sigs = np.empty((num_perm, len(texts)), np.uint64)
+        for c in range(num_perm):  # one hash over every shingle at a time, its minimum per text
+            sigs[c] = np.minimum.reduceat((x * a[c] + b[c]) >> np.uint64(33), bounds[:-1])
+        sigs = np.ascontiguousarray(sigs.T)
+        sets: dict[int, frozenset] = {}
+
+        def shingles(d: int) -> frozenset:
+            if d not in sets:
+                sets[d] = frozenset(ids[bounds[d]:bounds[d + 1]].tolist())
+            return sets[d]
+
+        split_of = np.unique(np.array(names), return_inverse=True)[1]
         # Candidates whose signatures agree on fewer slots than J = threshold less 4 standard deviations of the
         # estimate are not verified (a true pair is dropped with probability ~3e-5).
         cut = threshold - 4 * np.sqrt(threshold * (1 - threshold) / num_perm)
-        bands = sigs.reshape(len(signatures), -1, rows_per_band)
+        bands = sigs.reshape(len(texts), -1, rows_per_band)
+        candidates = []
         for band in range(bands.shape[1]):
-            buckets: dict[bytes, list[int]] = defaultdict(list)
-            for doc, key in enumerate(bands[:, band, :]):
-                buckets[key.tobytes()].append(doc)
-            for members in buckets.values():
-                by_split: dict[str, list[int]] = defaultdict(list)
-                for m in members:
-                    by_split[names[m]].append(m)
-                for left, right in itertools.combinations(by_split.values(), 2):
-                    right_sigs = sigs[right]
-                    for start in range(0, len(left), 256):  # bounded memory on a huge bucket
-                        block = left[start:start + 256]
-                        agree = (sigs[block][:, None, :] == right_sigs[None, :, :]).mean(axis=2)
-                        for i, j in zip(*np.nonzero(agree >= cut)):
-                            x, y = block[i], right[j]
-                            pair = (x, y) if x < y else (y, x)
-                            if pair in checked:
-                                continue
-                            checked.add(pair)
-                            similarity = len(sets[x] & sets[y]) / len(sets[x] | sets[y])
-                            if similarity >= threshold:
-                                found[pair] = similarity
+            keys = _band_keys(bands[:, band, :])
+            order = np.argsort(keys, kind="stable")
+            sk, ss = keys[order], split_of[order]
+            group_start = np.flatnonzero(np.concatenate([[True], sk[1:] != sk[:-1]]))
+            sizes = np.diff(np.append(group_start, len(sk)))
+            spanning = np.minimum.reduceat(ss, group_start) != np.maximum.reduceat(ss, group_start)
+            # buckets spanning two splits: every pair of members, size class by size class (a bucket of
+            # m members at once as m*(m-1)/2 index pairs), members in one split dropped
+            for m in np.unique(sizes[spanning]):
+                firsts = group_start[spanning & (sizes == m)]
+                iu, ju = np.triu_indices(int(m), 1)
+                for start in range(0, len(firsts), max(1, (1 << 20) // len(iu))):  # bounded memory
+                    base = firsts[start:start + max(1, (1 << 20) // len(iu)), None]
+                    left, right = order[(base + iu).ravel()], order[(base + ju).ravel()]
+                    cross = split_of[left] != split_of[right]
+                    left, right = left[cross], right[cross]
+                    agree = np.empty(len(left))
+                    for lo in range(0, len(left), 1 << 16):
+                        agree[lo:lo + (1 << 16)] = (sigs[left[lo:lo + (1 << 16)]]
+                                                    == sigs[right[lo:lo + (1 << 16)]]).mean(axis=1)
+                    keep = agree >= cut
+                    candidates.append(np.stack((np.minimum(left, right)[keep], np.maximum(left, right)[keep]), 1))
+        pairs = np.unique(np.concatenate(candidates), axis=0) if candidates else np.zeros((0, 2), np.int64)
+        for x_, y_ in pairs.tolist():  # pairs sharing several bands are verified once
+            sa, sb = shingles(x_), shingles(y_)
+            similarity = len(sa & sb) / len(sa | sb)
+            if similarity >= threshold:
+                found[(x_, y_)] = similarity
     ranked = sorted(found.items(), key=lambda item: -item[1])
     examples = [{"a": texts[x][:120], "b": texts[y][:120], "splits": [names[x], names[y]], "jaccard": round(sim, 3)}
                 for (x, y), sim in ranked[:show]]
