@@ -383,13 +383,18 @@ def _densify(sig: np.ndarray) -> None:
         nxt[wrapped] = row0 + first
         dist[wrapped] = first + K - col[wrapped]
     dist[dist < 0] += K
-    h = np.take(flat, nxt).astype(np.uint64)
-    tmp = dist.astype(np.uint64)
-    tmp *= _ROT
-    h += tmp
-    _mix_into(h, tmp)
-    h &= _U64(0xFFFFFFFE)  # never the empty marker
-    flat[where] = h
+    step = min(where.size, _SIG_BLOCK)
+    h, tmp = np.empty(step, np.uint64), np.empty(step, np.uint64)
+    for a in range(0, where.size, _SIG_BLOCK):  # in cache-sized blocks
+        b = min(a + _SIG_BLOCK, where.size)
+        hb, tb = h[: b - a], tmp[: b - a]
+        hb[:] = flat[nxt[a: b]]
+        tb[:] = dist[a: b]
+        tb *= _ROT
+        hb += tb
+        _mix_into(hb, tb)
+        hb &= _U64(0xFFFFFFFE)  # never the empty marker
+        flat[where[a: b]] = hb
 
 
 def _signatures(arr: pa.Array, p: Params) -> tuple[np.ndarray, np.ndarray]:
@@ -751,6 +756,7 @@ def _exact_batch(arr: pa.Array, pairs: np.ndarray, k: int, alphabet: tuple[np.nd
     # number the batch's distinct shingles 0..V-1
     if k * bits <= 20 and w > (1 << (k * bits)) // 64:  # a lookup table, no sort
         space = 1 << (k * bits)
+        ids = ids.astype(np.intp)  # indices as they are used (numpy converts others on each use)
         if getattr(_scratch, "space", 0) < space:
             _scratch.mark, _scratch.table, _scratch.space = np.zeros(space, bool), np.zeros(space, np.int64), space
         mark = _scratch.mark[:space]
