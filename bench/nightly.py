@@ -48,8 +48,8 @@ from distill_pipeline.stages.teacher_labels import build_teacher_labels  # noqa:
 STAGES = ["source_rows", "teacher_labels", "curated_examples", "dataset_splits"]
 
 
-def data_half(cfg, db: Database, version: str) -> tuple[dict[str, float], str]:
-    """Seconds per stage, and the export's data version."""
+def data_half(cfg, db: Database, version: str) -> tuple[dict[str, float], str, dict]:
+    """Seconds per stage, the export's data version, and how curation and splits ran (full or incremental)."""
     seconds = {}
     started = time.perf_counter()
     exported = build_source_rows(cfg, db)
@@ -59,12 +59,15 @@ def data_half(cfg, db: Database, version: str) -> tuple[dict[str, float], str]:
         build_teacher_labels(cfg, version, db, endpoint)
         seconds["teacher_labels"] = time.perf_counter() - started
     started = time.perf_counter()
-    build_curated_examples(cfg, version)
+    _, curated = build_curated_examples(cfg, version)
     seconds["curated_examples"] = time.perf_counter() - started
     started = time.perf_counter()
-    build_dataset_splits(cfg, version)
+    splits = build_dataset_splits(cfg, version)
     seconds["dataset_splits"] = time.perf_counter() - started
-    return seconds, exported.data_version
+    facts = {"curated_examples": {k: v for k, v in curated.items() if k == "mode" or k.startswith(("rows_", "chains_",
+                                                                                                   "clusters_"))},
+             "dataset_splits": {k: splits[k] for k in ("mode", "pairs_checked") if k in splits}}
+    return seconds, exported.data_version, facts
 
 
 def add_new_rows(db: Database, table: str, prompts_dir: Path, n: int, first_id: int) -> None:
@@ -184,11 +187,11 @@ def main() -> None:
     if args.chain:
         return chain_bench(args, cfg, db, version)
 
-    full, version_a = data_half(cfg, db, version)
+    full, version_a, _ = data_half(cfg, db, version)
     print(f"full:        {json.dumps({k: round(v, 2) for k, v in full.items()})}", file=sys.stderr)
     new_rows = max(1, int(args.rows * args.new_share))
     add_new_rows(db, cfg.source.table, cfg.prompts_dir, new_rows, first_id=args.rows + 1)
-    incremental, version_b = data_half(cfg, db, version)
+    incremental, version_b, facts = data_half(cfg, db, version)
     print(f"incremental: {json.dumps({k: round(v, 2) for k, v in incremental.items()})}", file=sys.stderr)
 
     # A night without new rows: the export runs, its data version is unchanged, the refresh is skipped.
@@ -203,6 +206,7 @@ def main() -> None:
         "incremental_s": {k: round(v, 3) for k, v in incremental.items()},
         "ratio_incremental_vs_full_by_stage": {k: round(incremental[k] / full[k], 3) for k in STAGES},
         "ratio_incremental_vs_full": round(total_incr / total_full, 3),
+        "incremental_runs": facts,
         "quiet_night_s": round(quiet_night_s, 3),
         "quiet_night_ratio_vs_full": round(quiet_night_s / total_full, 4),
         "quiet_night_skips_refresh": version_c == version_b,
