@@ -47,6 +47,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 _U64 = np.uint64
 _EMPTY = np.uint32(0xFFFFFFFF)
@@ -523,7 +524,7 @@ def _each_band(keys: np.ndarray, p: Params):
 
 
 # pairs per span of the candidate filter (spread over the workers) and of the agreement count (in cache)
-_CANDIDATE_SPAN, _AGREE_SPAN = 1 << 16, 1 << 12
+_CANDIDATE_SPAN, _AGREE_SPAN = 1 << 14, 1 << 12
 _NIBBLE_LOW = _U64(0x1111111111111111)
 _BYTE_LANES = _U64(0x00FF00FF00FF00FF)
 _LANE_SUM = _U64(0x0001000100010001)
@@ -536,7 +537,7 @@ class _Clusters:
         self.arr, self.sketch, self.p = arr, sketch, p
         self.pool = pool if pool is not None else _Pool(1)
         self.words = sketch.view(np.uint64)
-        self.alphabet = _ascii_alphabet(arr, p.shingle_size, self.pool)
+        self.alphabet = _ascii_alphabet(arr, p.shingle_size)
         self.root = np.arange(len(arr), dtype=np.int64)
         self.need = p.min_agreement()
         self.edges: list[np.ndarray] = []
@@ -691,16 +692,14 @@ def _sorted_unique(x: np.ndarray) -> np.ndarray:
     return x[np.concatenate(([True], x[1:] != x[:-1]))] if x.size else x
 
 
-def _ascii_alphabet(arr: pa.Array, k: int, pool: _Pool | None = None) -> tuple[np.ndarray, int] | None:
+def _ascii_alphabet(arr: pa.Array, k: int) -> tuple[np.ndarray, int] | None:
     """For ASCII texts whose shingles pack into a lookup table's 20 bits: (byte -> 1..a, bits),
     shared by every verification batch of the texts (else each batch numbers its own alphabet)."""
     offsets, data = _buffers(arr)
     chars = data[offsets[0]: offsets[-1]] if len(arr) else data[:0]
-    step = 1 << 22
-    spans = range(0, chars.size, step)
-    counts = (pool or _Pool(1)).map(lambda a: np.bincount(chars[a: a + step], minlength=256), spans)
-    present = np.add.reduce(counts) > 0 if counts else np.zeros(256, bool)
-    if present.size > 256 or present[0x80:].any():
+    present = np.zeros(256, bool)
+    present[pc.unique(pa.array(chars, pa.uint8())).to_numpy()] = True  # (a hash set: numpy counts are slower)
+    if present[0x80:].any():
         return None
     lut = np.cumsum(present, dtype=np.uint32)
     bits = max(int(lut[-1]).bit_length(), 1)
