@@ -103,3 +103,35 @@ def test_the_leakage_checks_shingle_ids_are_the_shingles_themselves():
         for j in range(len(texts)):
             if texts[i] and texts[j]:
                 assert len(sets[i] & sets[j]) / len(sets[i] | sets[j]) == jaccard(texts[i], texts[j], 3), (i, j)
+
+
+def _parts(texts: dict[str, list[tuple[str, str]]]) -> dict[str, pa.Table]:
+    return {name: pa.table({"id": [i for i, _ in rows], "input": [t for _, t in rows],
+                            "cluster_key": [f"k{i}" for i, _ in rows]}) for name, rows in texts.items()}
+
+
+def test_the_leakage_check_remembers_what_passed_and_still_catches_a_new_pair(tmp_path):
+    memory = tmp_path / "leakage_passed.json"
+    base = {"train": [(f"t{i}", f"{WORDS[i % 7]} distinct sentence number {i} about the quarter") for i in range(60)],
+            "val": [("v1", "the board approved a special dividend of two dollars"),
+                    ("v2", "an auditor was dismissed after the restatement")],
+            "test": [("s1", "guidance for the fiscal year was raised by ten percent")]}
+    ok, detail = checks.check_leakage(_parts(base), 0.8, 3, memory=memory)
+    assert ok and detail["rows_checked_before"] == 0 and memory.is_file()
+    ok, detail = checks.check_leakage(_parts(base), 0.8, 3, memory=memory)
+    assert ok and detail["rows_checked_before"] == 63
+    # a new row in test, a near duplicate of an old row in val: found although val's rows passed before
+    night = {**base, "test": base["test"] + [("s2", "the board approved a special dividend of two dollars.")]}
+    ok, detail = checks.check_leakage(_parts(night), 0.8, 3, memory=memory)
+    assert not ok and detail["near_duplicate_pairs_across_splits"] == 1 and detail["rows_checked_before"] == 63
+    assert not memory.exists()  # a failed check forgets what passed
+    # an old row that moved split is looked at again
+    checks.check_leakage(_parts(base), 0.8, 3, memory=memory)
+    moved = {"train": base["train"], "val": base["val"][1:],
+             "test": base["test"] + [("v1", "the board approved a special dividend of two dollars"),
+                                     ("s3", "the board approved a special dividend of two dollars!")]}
+    ok, detail = checks.check_leakage(_parts(moved), 0.8, 3, memory=memory)
+    assert ok and detail["rows_checked_before"] == 62  # v1 and s3 in one split: no leak, v1 rechecked
+
+
+WORDS = ("acquire", "bond", "cash", "debt", "equity", "fund", "grant")

@@ -105,7 +105,9 @@ def dataset_splits(context: dg.AssetExecutionContext, settings: SettingsResource
         "mode": manifest["mode"], "pairs_checked": manifest.get("pairs_checked"),
         "path": cfg.stage_dir("dataset_splits", context.partition_key)}))
     parts = read_splits(cfg.stage_dir("dataset_splits", context.partition_key))
-    leak_ok, leak = checks.check_leakage(parts, cfg.curate.near_duplicate_threshold, cfg.curate.shingle_size)
+    leak_ok, leak = checks.check_leakage(parts, cfg.curate.near_duplicate_threshold, cfg.curate.shingle_size,
+                                         memory=cfg.stage_dir("dataset_splits", context.partition_key)
+                                         / "checks" / "leakage_passed.json")
     yield dg.AssetCheckResult(check_name="no_leakage_between_splits", passed=leak_ok, metadata=as_metadata(leak))
     empty = [name for name, part in parts.items() if part.num_rows == 0]
     yield dg.AssetCheckResult(check_name="no_empty_split", passed=not empty, metadata=as_metadata({"empty": empty}))

@@ -11,6 +11,7 @@ that produced it (a check that reruns the producer's logic cannot fail), so this
 
 from __future__ import annotations
 
+import hashlib
 import json
 import zlib
 from collections import Counter, defaultdict
@@ -111,13 +112,14 @@ def _band_keys(rows: np.ndarray) -> np.ndarray:
 
 def near_duplicates_across_splits(splits: dict[str, Any], threshold: float, shingle_size: int, *,
                                   num_perm: int = 128, rows_per_band: int = 4, seed: int = 20261202,
-                                  show: int = 5) -> tuple[int, list[dict]]:
+                                  show: int = 5, checked_before: np.ndarray | None = None) -> tuple[int, list[dict]]:
     """(pairs of inputs in different splits with Jaccard >= threshold, the most similar few of them).
 
     A textbook MinHash (exact shingle ids, `num_perm` multiply-shift hashes) with its own
     banding (4 rows per band: a pair at J = 0.8 shares no band with probability ~1e-7); the pairs of a
     bucket that spans two splits whose signatures roughly agree are verified by exact Jaccard; buckets
-    within one split cost nothing.
+    within one split cost nothing. `checked_before` (per row, in the splits' order): rows this check passed
+    before with the same input in the same split; a pair of two such rows is not looked at again.
     """
     rng = np.random.default_rng(seed)
     # multiply-shift hashes: (a*x + b mod 2^64) >> 33, a odd
@@ -157,6 +159,8 @@ def near_duplicates_across_splits(splits: dict[str, Any], threshold: float, shin
             group_start = np.flatnonzero(np.concatenate([[True], sk[1:] != sk[:-1]]))
             sizes = np.diff(np.append(group_start, len(sk)))
             spanning = np.minimum.reduceat(ss, group_start) != np.maximum.reduceat(ss, group_start)
+            if checked_before is not None:  # a bucket of rows all passed before holds no new pair
+                spanning &= np.minimum.reduceat(checked_before[order].astype(np.int8), group_start) == 0
             # buckets spanning two splits: every pair of members, size class by size class (a bucket of
             # m members at once as m*(m-1)/2 index pairs), members in one split dropped
             for m in np.unique(sizes[spanning]):
@@ -166,6 +170,8 @@ def near_duplicates_across_splits(splits: dict[str, Any], threshold: float, shin
                     base = firsts[start:start + max(1, (1 << 20) // len(iu)), None]
                     left, right = order[(base + iu).ravel()], order[(base + ju).ravel()]
                     cross = split_of[left] != split_of[right]
+                    if checked_before is not None:
+                        cross &= ~(checked_before[left] & checked_before[right])
                     left, right = left[cross], right[cross]
                     agree = np.empty(len(left))
                     for lo in range(0, len(left), 1 << 16):
@@ -194,12 +200,36 @@ def cluster_keys_in_two_splits(splits: dict[str, Any]) -> int:
     return sum(1 for names in where.values() if len(names) > 1)
 
 
-def check_leakage(splits: dict[str, Any], threshold: float, shingle_size: int) -> tuple[bool, dict]:
-    """No duplicate cluster and no near-duplicate pair of inputs (found exactly, see above) in two splits."""
+def _row_keys(splits: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """(split, id, a digest of the input) per row, in the splits' order."""
+    return [(name, str(rid), hashlib.blake2b((text or "").encode(), digest_size=8).hexdigest())
+            for name, table in splits.items()
+            for rid, text in zip(table.column("id").to_pylist(), table.column("input").to_pylist())]
+
+
+def check_leakage(splits: dict[str, Any], threshold: float, shingle_size: int,
+                  memory: Path | None = None) -> tuple[bool, dict]:
+    """No duplicate cluster and no near-duplicate pair of inputs (found exactly, see above) in two splits.
+
+    `memory`: a file of the rows this check passed last time (its own record, not the split stage's); a pair
+    of rows both there unchanged, in the same splits, was already found clean, so a night with few new rows
+    looks only at pairs with a new row. A failed check forgets it.
+    """
     shared = cluster_keys_in_two_splits(splits)
-    pairs, examples = near_duplicates_across_splits(splits, threshold, shingle_size)
-    return not shared and not pairs, {"clusters_in_two_splits": shared, "near_duplicate_pairs_across_splits": pairs,
-                                      "examples": examples}
+    rows = _row_keys(splits)
+    before = None
+    if memory is not None and memory.is_file():
+        passed = set(map(tuple, json.loads(memory.read_text())))
+        before = np.fromiter((r in passed for r in rows), bool, len(rows))
+    pairs, examples = near_duplicates_across_splits(splits, threshold, shingle_size, checked_before=before)
+    ok = not shared and not pairs
+    if memory is not None:
+        memory.unlink(missing_ok=True)
+        if ok:
+            memory.parent.mkdir(parents=True, exist_ok=True)
+            memory.write_text(json.dumps(rows))
+    return ok, {"clusters_in_two_splits": shared, "near_duplicate_pairs_across_splits": pairs,
+                "examples": examples, "rows_checked_before": int(before.sum()) if before is not None else 0}
 
 
 def label_shares(labels: list) -> dict[str, float]:
