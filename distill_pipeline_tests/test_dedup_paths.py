@@ -145,8 +145,8 @@ def test_components_give_each_text_the_smallest_index_of_its_component():
             x = parent[x]
         return x
 
-    for _ in range(6):  # merge batch by batch into the same forest, as the clustering does
-        edges = rng.integers(0, n, (700, 2))
+    for size in (700, 20, 700, 20, 300, 5):  # batch by batch into the same forest (many edges: table path)
+        edges = rng.integers(0, n, (size, 2))
         root = dedup._components(root, edges)
         for u, v in edges.tolist():
             a, b = find(u), find(v)
