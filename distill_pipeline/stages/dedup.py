@@ -530,6 +530,11 @@ _BYTE_LANES = _U64(0x00FF00FF00FF00FF)
 _LANE_SUM = _U64(0x0001000100010001)
 
 
+def _take(values: np.ndarray, index: np.ndarray) -> np.ndarray:
+    """values[index] (np.take with intp indices: faster than indexing)"""
+    return np.take(values, index.astype(np.intp, copy=False))
+
+
 def _rows(pairs: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """pairs[mask] for (m, 2) pairs; int32 pairs selected as one int64 each (numpy's 1-d path, twice as fast)."""
     if pairs.dtype == np.int32 and pairs.flags.c_contiguous:
@@ -567,10 +572,15 @@ class _Clusters:
 
     def _agree(self, pairs: np.ndarray, out: np.ndarray) -> None:
         words, slots = self.words, _SKETCHES * self.p.num_perm  # padding bytes always match: not counted
+        span = min(len(pairs), _AGREE_SPAN)
+        # this thread's buffers: rows gathered by np.take into them (twice as fast as fancy indexing,
+        # and no fresh memory per span)
+        x_buf, y_buf = np.empty((span, words.shape[1]), np.uint64), np.empty((span, words.shape[1]), np.uint64)
         for a in range(0, len(pairs), _AGREE_SPAN):
             c = pairs[a: a + _AGREE_SPAN]
-            x = words[c[:, 0]]
-            y = words[c[:, 1]]
+            x, y = x_buf[: len(c)], y_buf[: len(c)]
+            np.take(words, c[:, 0].astype(np.intp), axis=0, out=x, mode="clip")  # (indices are valid)
+            np.take(words, c[:, 1].astype(np.intp), axis=0, out=y, mode="clip")
             x ^= y
             np.right_shift(x, _U64(1), out=y)
             x |= y
@@ -593,7 +603,7 @@ class _Clusters:
 
         def span(s: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
             c = pairs[s[0]: s[1]]
-            c = _rows(c, root[c[:, 0]] != root[c[:, 1]])
+            c = _rows(c, _take(root, c[:, 0]) != _take(root, c[:, 1]))
             agree = np.empty(len(c), np.int64)
             self._agree(c, agree)
             keep = agree >= self.need
