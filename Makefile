@@ -57,6 +57,7 @@ test: install browser
 	$(BIN)/pytest -q
 
 bench: install
+	$(BIN)/pip install -e ".[bench]"  # TRL, the peer bench/train.py compares with
 	$(BIN)/python bench/export.py
 	$(BIN)/python bench/dedup.py
 	$(BIN)/python bench/teacher.py
