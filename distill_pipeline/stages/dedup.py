@@ -630,19 +630,19 @@ class _Clusters:
         # a pair's fate is decided when it reaches the head, against the clusters as they are then.
         carry, pos = pairs[:0], 0
         while True:
-            parts = [_rows(carry, self.root[carry[:, 0]] != self.root[carry[:, 1]])]
+            parts = [_rows(carry, _take(self.root, carry[:, 0]) != _take(self.root, carry[:, 1]))]
             have = len(parts[0])
             while have < window and pos < len(pairs):
                 chunk = pairs[pos: pos + window]
                 pos += len(chunk)
-                chunk = _rows(chunk, self.root[chunk[:, 0]] != self.root[chunk[:, 1]])
+                chunk = _rows(chunk, _take(self.root, chunk[:, 0]) != _take(self.root, chunk[:, 1]))
                 parts.append(chunk)
                 have += len(chunk)
             queued = np.concatenate(parts)
             if not len(queued):
                 break
             head, overflow = queued[:window], queued[window:]
-            ra, rb = self.root[head[:, 0]], self.root[head[:, 1]]
+            ra, rb = _take(self.root, head[:, 0]), _take(self.root, head[:, 1])
             chosen = np.zeros(len(head), bool)
             chosen[_first_of_each(np.minimum(ra, rb), np.maximum(ra, rb))] = True
             batch = _rows(head, chosen)
@@ -816,7 +816,7 @@ def _components(root: np.ndarray, edges: np.ndarray) -> np.ndarray:
     jumping on that small graph (pointers only go to smaller indices, so each component ends at
     its smallest root), then every text takes its root's new root.
     """
-    ru, rv = root[edges[:, 0]], root[edges[:, 1]]
+    ru, rv = _take(root, edges[:, 0]), _take(root, edges[:, 1])
     differ = ru != rv
     if not differ.any():
         return root.copy()
