@@ -162,52 +162,6 @@ def _codepoints(data: np.ndarray, boff: np.ndarray) -> tuple[np.ndarray, np.ndar
     return cp.astype(np.uint32), before[boff]
 
 
-def _texts_codepoints(arr: pa.Array, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
-    offsets, data = _buffers(arr)
-    boff = offsets[start: stop + 1]
-    return _codepoints(data[boff[0]: boff[-1]], boff - boff[0])
-
-
-def _combine(v: np.ndarray, coff: np.ndarray, k: int, step) -> tuple[np.ndarray, np.ndarray]:
-    """One value per shingle folded from its k chars by `step(acc, char)`, and shingles per text.
-
-    Shingles come out grouped by text, in order. A short text's one shingle is folded from
-    its own chars, then `step(acc, 0)` for each missing one (chars are >= 1, so it differs
-    from every full shingle).
-    """
-    lengths = np.diff(coff)
-    short = lengths < k
-    counts = np.where(short, 1, lengths - k + 1)
-    n_chars = v.size
-    padded = np.concatenate((v, np.zeros(k - 1, v.dtype)))
-    rolled = padded[:n_chars].copy()
-    for j in range(1, k):
-        rolled = step(rolled, padded[j: n_chars + j])
-    # the window at a position is a shingle when it ends inside its own (long enough) text
-    valid = np.ones(n_chars, bool)
-    for j in range(1, k):
-        valid[coff[1:][~short] - j] = False
-    if not short.any():
-        return rolled[valid], counts
-    idx = np.flatnonzero(short)
-    for j in range(k - 1):
-        has = lengths[idx] > j
-        valid[coff[idx[has]] + j] = False
-    acc = None
-    for j in range(k):
-        char = np.zeros(idx.size, v.dtype)
-        has = lengths[idx] > j
-        char[has] = v[coff[idx[has]] + j]
-        acc = char if acc is None else step(acc, char)
-    out = np.empty(int(counts.sum()), v.dtype)
-    slot_of_short = np.cumsum(counts)[idx] - 1
-    is_short = np.zeros(out.size, bool)
-    is_short[slot_of_short] = True
-    out[~is_short] = rolled[valid]
-    out[slot_of_short] = acc
-    return out, counts
-
-
 def _mix(h: np.ndarray) -> np.ndarray:
     """A 64-bit finalizer (in place): spreads every input bit over the output."""
     h ^= h >> _U64(33)
@@ -299,7 +253,7 @@ def _signature_chunk(arr: pa.Array, start: int, stop: int, p: Params) -> tuple[n
     base = np.repeat(np.arange(0, n * row, row, dtype=index), lengths)[:w]
     base[_not_shingles(coff, lengths, k, w)] = n * row  # the trash row
     sig = np.full((n + 1) * row, _EMPTY, np.uint32)
-    high, low = (1, 0) if sys.byteorder == "little" else (0, 1)
+    low = 0 if sys.byteorder == "little" else 1  # the uint32 half holding the hash's low bits
     step = min(w, _SIG_BLOCK)
     h, tmp = np.empty(step, np.uint64), np.empty(step, np.uint64)
     for a in range(0, w, _SIG_BLOCK):  # a block of windows at a time: its arrays stay in cache
@@ -498,9 +452,11 @@ def _band_candidates(keys: np.ndarray, band: int, p: Params) -> tuple[np.ndarray
 def _stable_argsort(col: np.ndarray) -> np.ndarray:
     """np.argsort(col, kind="stable") for uint64 keys: an unstable sort (several times faster), then
     each run of equal keys put back in index order."""
+    if col.size >= 2 ** 32:
+        return np.argsort(col, kind="stable")
     order = np.argsort(col)
-    if col.size < 2 or col.size >= 2 ** 32:
-        return np.argsort(col, kind="stable") if col.size >= 2 ** 32 else order
+    if col.size < 2:
+        return order
     sk = col[order]
     run = np.cumsum(np.concatenate(([False], sk[1:] != sk[:-1])), dtype=np.uint64)
     run <<= _U64(32)
@@ -531,7 +487,7 @@ _LANE_SUM = _U64(0x0001000100010001)
 
 
 def _take(values: np.ndarray, index: np.ndarray) -> np.ndarray:
-    """values[index] (np.take with intp indices: faster than indexing)"""
+    """values[index]: np.take with intp indices, faster than indexing."""
     return np.take(values, index.astype(np.intp, copy=False))
 
 
