@@ -127,11 +127,14 @@ def test_stable_argsort_and_first_of_each_match_their_definitions():
         if n > 2:
             col[rng.integers(0, n, n // 2)] = col[rng.integers(0, 3, n // 2)]  # many ties
         np.testing.assert_array_equal(dedup._stable_argsort(col), np.argsort(col, kind="stable"))
-        lo, hi = rng.integers(0, 20, n), rng.integers(0, 20, n)
-        first = {}
-        for i, key in enumerate(zip(lo.tolist(), hi.tolist())):
-            first.setdefault(key, i)
-        assert dedup._first_of_each(lo, hi).tolist() == sorted(first.values())
+        for top in (20, 1 << 31):  # (lo, hi, index) packed in one word; too wide for one
+            lo, hi = rng.integers(0, 20, n) * (top // 20), rng.integers(0, top, n)
+            hi[: n // 2] = hi[n // 2: 2 * (n // 2)]  # repeated pairs
+            lo[: n // 2] = lo[n // 2: 2 * (n // 2)]
+            first = {}
+            for i, key in enumerate(zip(lo.tolist(), hi.tolist())):
+                first.setdefault(key, i)
+            assert dedup._first_of_each(lo, hi).tolist() == sorted(first.values())
 
 
 def test_components_give_each_text_the_smallest_index_of_its_component():

@@ -657,11 +657,27 @@ def _exact_pairs(arr: pa.Array, pairs: np.ndarray, k: int, pool: _Pool, batch_pa
 
 
 def _first_of_each(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
-    """Indices of the first occurrence of each distinct (lo, hi)."""
+    """Indices of the first occurrence of each distinct (lo, hi) (non-negative integers), in order."""
+    m = len(lo)
+    if not m:
+        return np.zeros(0, np.int64)
+    top_hi = int(hi.max()) + 1
+    hi_bits, index_bits = top_hi.bit_length(), m.bit_length()
+    if (int(lo.max()) + 1).bit_length() + hi_bits + index_bits <= 64:
+        # (lo, hi, index) in one word, sorted (a plain sort of integers is the fastest sort numpy has):
+        # each run of one (lo, hi) starts with its smallest index
+        key = lo.astype(np.uint64)
+        key <<= _U64(hi_bits)
+        key |= hi.astype(np.uint64)
+        key <<= _U64(index_bits)
+        key |= np.arange(m, dtype=np.uint64)
+        key.sort()
+        code = key >> _U64(index_bits)
+        first = key[np.concatenate(([True], code[1:] != code[:-1]))] & _U64((1 << index_bits) - 1)
+        first.sort()
+        return first.astype(np.int64)
     code = (lo.astype(np.uint64) << _U64(32)) | hi.astype(np.uint64)
     order = np.argsort(code)  # not stable (several times faster): the first is the smallest index of its run
-    if not len(code):
-        return order
     sc = code[order]
     return np.sort(np.minimum.reduceat(order, np.flatnonzero(np.concatenate(([True], sc[1:] != sc[:-1])))))
 
