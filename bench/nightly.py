@@ -36,6 +36,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from bench_database import own_database  # noqa: E402
 from distill_pipeline.clients.postgres import Database, quote_table  # noqa: E402
 from distill_pipeline.clients.teacher import DemoTeacher  # noqa: E402
 from distill_pipeline.config import load_config  # noqa: E402
@@ -169,19 +170,7 @@ def main() -> None:
     args = ap.parse_args()
 
     workdir = Path(tempfile.mkdtemp(prefix="bench-nightly-"))
-    url = args.database_url
-    if not url:
-        import pgserver
-
-        url = pgserver.get_server(workdir / "pgdata", cleanup_mode="delete").get_uri()
-    # A database of its own on that server, so no table of anyone's is touched.
-    import psycopg
-    from urllib.parse import urlsplit, urlunsplit
-
-    name = f"bench_nightly_{os.getpid()}"
-    with psycopg.connect(url, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    url = urlunsplit(urlsplit(url)._replace(path="/" + name))
+    url = own_database(args.database_url, workdir, "bench_nightly")
     os.environ["DISTILL_HOME"] = str(workdir / "home")
     os.environ["DATABASE_URL"] = url
     cfg = load_config()

@@ -94,24 +94,14 @@ def main() -> None:
     if args.child:
         return run_stage(args.child, args.version)
 
-    import psycopg
-    from urllib.parse import urlsplit, urlunsplit
-
+    from bench_database import own_database
     from distill_pipeline.clients.postgres import Database
     from distill_pipeline.config import load_config
     from distill_pipeline.demo.seed import seed_demo_table
     from distill_pipeline.stages.prompts import active_versions, load_prompts
 
     workdir = Path(tempfile.mkdtemp(prefix="bench-scale-"))
-    url = args.database_url
-    if not url:
-        import pgserver
-
-        url = pgserver.get_server(workdir / "pgdata", cleanup_mode="delete").get_uri()
-    name = f"bench_scale_{os.getpid()}"
-    with psycopg.connect(url, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    url = urlunsplit(urlsplit(url)._replace(path="/" + name))
+    url = own_database(args.database_url, workdir, "bench_scale")
     cfg = load_config(env={"DISTILL_HOME": str(workdir / "seed-home"), "DATABASE_URL": url})
     db = Database(url)
     version = active_versions(load_prompts(cfg.prompts_dir), cfg.nightly.active_prompt_versions)[0]
